@@ -1,0 +1,1 @@
+"""Workloads, SLO classes, metrics and reports for benchmarking CacheOPT against baselines."""

@@ -1,0 +1,85 @@
+"""Length-only predictor: empirical output-length quantiles per prompt-length bucket.
+
+For traces that carry token counts but no text. Fitted on a training split; the bound at
+confidence p is the empirical p-quantile of the bucket's output lengths, and the
+conditional bound for a request that already generated g tokens is the p-quantile of the
+bucket's lengths that exceed g (the residual distribution of requests that reached g).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Sequence
+
+from predictor.base import LengthPrediction, PredictionInput, check_confidence
+
+# Prompt-length bucket edges in tokens, powers of two: [0, 128), [128, 256), ...
+DEFAULT_EDGES = (128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class LengthQuantilePredictor:
+    name = "length"
+
+    def __init__(self, lengths_by_bucket: Sequence[Sequence[int]], edges: Sequence[int] = DEFAULT_EDGES):
+        if len(lengths_by_bucket) != len(edges) + 1:
+            raise ValueError(f"{len(lengths_by_bucket)} buckets for {len(edges)} edges; need edges + 1")
+        self.edges = tuple(edges)
+        self._sorted = [sorted(b) for b in lengths_by_bucket]
+        if not any(self._sorted):
+            raise ValueError("no training samples")
+
+    @classmethod
+    def fit(cls, samples: Iterable[tuple[int, int]], *, edges: Sequence[int] = DEFAULT_EDGES,
+            min_samples: int = 50) -> LengthQuantilePredictor:
+        """Fit on (prompt_tokens, output_tokens) pairs. A bucket with fewer than
+        `min_samples` borrows the samples of its nearest populated neighbours until it has
+        enough, so sparse tails of the prompt distribution still get a sane quantile."""
+        buckets: list[list[int]] = [[] for _ in range(len(edges) + 1)]
+        total = 0
+        for prompt_tokens, output_tokens in samples:
+            buckets[bisect.bisect_right(edges, prompt_tokens)].append(max(1, output_tokens))
+            total += 1
+        if total == 0:
+            raise ValueError("cannot fit a length predictor on zero samples")
+        need = min(min_samples, total)
+        pooled = []
+        for i in range(len(buckets)):
+            pool = list(buckets[i])
+            radius = 1
+            while len(pool) < need:
+                for j in (i - radius, i + radius):
+                    if 0 <= j < len(buckets):
+                        pool.extend(buckets[j])
+                radius += 1
+            pooled.append(pool)
+        return cls(pooled, edges)
+
+    def _bucket(self, prompt_tokens: int) -> list[int]:
+        return self._sorted[bisect.bisect_right(self.edges, prompt_tokens)]
+
+    def predict(self, request: PredictionInput, confidence: float) -> LengthPrediction:
+        check_confidence(confidence)
+        lengths = self._bucket(request.prompt_tokens)
+        cap = request.max_tokens
+        point = min(cap, _quantile(lengths, 0.5))
+        bound = min(cap, max(point, _quantile(lengths, confidence)))
+        return LengthPrediction(point_tokens=point, bound_tokens=bound)
+
+    def conditional_bound(self, request: PredictionInput, generated_tokens: int, confidence: float) -> int:
+        check_confidence(confidence)
+        cap = request.max_tokens
+        lengths = self._bucket(request.prompt_tokens)
+        beyond = lengths[bisect.bisect_right(lengths, generated_tokens):]
+        if beyond:
+            bound = _quantile(beyond, confidence)
+        else:
+            # Longer than anything seen in training: grow geometrically, by a quarter.
+            bound = generated_tokens + max(16, generated_tokens // 4)
+        return max(min(cap, bound), min(cap, generated_tokens + 1))
+
+
+def _quantile(sorted_values: Sequence[int], q: float) -> int:
+    """The smallest sample value v with empirical CDF(v) >= q."""
+    index = max(0, math.ceil(q * len(sorted_values)) - 1)
+    return sorted_values[index]

@@ -1,0 +1,86 @@
+"""The policy protocol, with vLLM V1's behaviour as the default of every hook.
+
+vLLM V1 (v0.32 `Scheduler.schedule`): running requests first, in admission order; a running
+request that cannot get its next block preempts the most recently admitted one (possibly
+itself) and recomputes it; waiting requests are admitted first-come first-served while
+their next chunk fits, stopping at the first that does not; nothing is admitted in a step
+that preempted. Subclasses override only the decisions they change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from replicas.request import Request
+from replicas.scheduler import RECOMPUTE, StepPlan, blocks_for
+
+if TYPE_CHECKING:
+    from replicas.scheduler import ReplicaScheduler
+
+
+class Policy:
+    name = "vllm"
+    head_of_line_blocking = True  # stop admitting at the first waiting request that does not fit
+    admits_after_preemption = False
+    lookahead_tokens = 0  # > 0: the scheduler calls top_up_ahead this many tokens early
+    recent_iters_window = 64
+    reserve_fraction = 0.0  # share of the replica's blocks held back as the global reserve
+
+    def bind(self, scheduler: ReplicaScheduler) -> None:
+        self.s = scheduler
+        self.ledger = scheduler.ledger
+        self.block_size = scheduler.config.block_size
+
+    # --- arrival and admission -------------------------------------------------------------
+
+    def on_arrival(self, request: Request) -> None:
+        """Called once when a request arrives (predictions are made here)."""
+
+    # Waiting-queue order: None is FCFS with preempted requests in front; otherwise a
+    # key function of the request whose value must not change while it waits.
+    queue_key: Callable[[Request], float] | None = None
+    admission_scan_limit = 1
+
+    def begin_admission(self) -> None:
+        """Called before a step offers admission to waiting requests."""
+
+    def try_admit(self, request: Request, num_new_tokens: int) -> bool:
+        """Give `request` a share covering its next `num_new_tokens`, or change nothing."""
+        blocks = self._blocks_after(request, num_new_tokens)
+        if self.ledger.try_reserve(request.request_id, blocks) is None:
+            return False
+        self.ledger.try_hold(request.request_id, blocks)
+        self.s.counters["admit"] += 1
+        return True
+
+    # --- running requests ----------------------------------------------------------------
+
+    def try_grow(self, request: Request, held_blocks: int) -> bool:
+        """Let a running request hold `held_blocks`; on-demand from the free pool."""
+        share = self.ledger.shares[request.request_id]
+        missing = held_blocks - (share.reserved - share.lent)
+        if missing > 0 and self.ledger.try_top_up(request.request_id, missing, use_reserve=False) is None:
+            return False
+        return self.ledger.try_hold(request.request_id, held_blocks)
+
+    def top_up_ahead(self, request: Request, tokens_after_step: int) -> None:
+        """Proactive allocation; only called when lookahead_tokens > 0."""
+
+    def choose_victim(self, requester: Request) -> Request:
+        """Whom to preempt so that `requester` can grow (may be the requester itself)."""
+        return self.s.running[-1]
+
+    def preemption_mode(self, victim: Request) -> str:
+        return RECOMPUTE
+
+    def on_guest_rehomed(self, guest: Request) -> None:
+        """A host finished or was preempted; its guest now owns its reservation."""
+
+    def after_step(self, plan: StepPlan) -> None:
+        """Called after every step's progress is applied."""
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _blocks_after(self, request: Request, num_new_tokens: int) -> int:
+        return blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)

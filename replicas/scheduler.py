@@ -1,0 +1,256 @@
+"""The replica scheduler: one engine step at a time, decisions delegated to a policy.
+
+The scheduler owns the mechanics every policy shares (the token budget, chunked prefill,
+growing allocations as tokens are computed, preempting, finishing); the policy owns the
+decisions (whom to admit with how much, how a running request gets more blocks, whom to
+preempt, swap or recompute). The same objects run inside the simulator and, through the
+vLLM adapter, inside a real engine.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from replicas.config import SchedulerConfig
+from replicas.ledger import KVLedger
+from replicas.request import Request, Status
+
+if TYPE_CHECKING:
+    from replicas.policies.base import Policy
+
+RECOMPUTE = "recompute"
+SWAP = "swap"
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one engine step computes. `scheduled` maps request -> new tokens this step."""
+
+    step_index: int
+    scheduled: dict[Request, int] = field(default_factory=dict)
+    preempted: list[tuple[Request, str]] = field(default_factory=list)
+    swap_in_blocks: int = 0
+    swap_out_blocks: int = 0
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(self.scheduled.values())
+
+    @property
+    def num_context_tokens(self) -> int:
+        """KV tokens the step's attention reads: each request's context after the step."""
+        return sum(r.num_computed_tokens + n for r, n in self.scheduled.items())
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class ReplicaScheduler:
+    def __init__(self, config: SchedulerConfig, policy: Policy, ledger: KVLedger, *, can_swap: bool = False):
+        self.config = config
+        self.policy = policy
+        self.ledger = ledger
+        self.can_swap = can_swap
+        self.waiting: list[Request] = []  # new and preempted requests; preempted go first
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}
+        self.counters: Counter[str] = Counter()
+        self.step_index = 0
+        self.now_s = 0.0
+        self.recent_iteration_s: deque[float] = deque(maxlen=policy.recent_iters_window)
+        self.max_recent_iteration_s = 0.0
+        self._plan: StepPlan | None = None
+        policy.bind(self)
+
+    # --- requests in and out ---------------------------------------------------------
+
+    def add_request(self, request: Request, now_s: float) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.now_s = max(self.now_s, now_s)
+        self.policy.on_arrival(request)
+        self._enqueue(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks and reservation."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request.status is Status.RUNNING:
+            self._release(request)
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+            if request.swapped_blocks:
+                self.ledger.unpark(request.swapped_blocks)
+                request.swapped_blocks = 0
+        request.status = Status.FINISHED
+        self.counters["abort"] += 1
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # --- one step ------------------------------------------------------------------------
+
+    def schedule(self, now_s: float) -> StepPlan:
+        self.now_s = now_s
+        plan = StepPlan(self.step_index)
+        self._plan = plan
+        budget = self.config.max_num_batched_tokens
+        block_size = self.config.block_size
+        shares = self.ledger.shares
+        policy = self.policy
+        lookahead = policy.lookahead_tokens
+        running = self.running
+
+        i = 0
+        while i < len(running) and budget > 0:
+            request = running[i]
+            n = request.num_tokens - request.num_computed_tokens
+            if n > budget:
+                n = budget
+            end = request.num_computed_tokens + n
+            share = shares[request.request_id]
+            if lookahead and (share.reserved - share.lent) * block_size < end + lookahead:
+                policy.top_up_ahead(request, end)
+            need = -(-end // block_size)
+            if need > share.held and not self.ledger.try_hold(request.request_id, need):
+                num_preempted = len(plan.preempted)
+                while not policy.try_grow(request, need):
+                    victim = policy.choose_victim(request)
+                    budget += self.preempt(victim, policy.preemption_mode(victim))
+                    if victim is request:
+                        break
+                if request.status is not Status.RUNNING:
+                    continue  # it preempted itself; running[i] is already the next one
+                if len(plan.preempted) > num_preempted:
+                    i = running.index(request)  # victims before it shifted it left
+            plan.scheduled[request] = n
+            budget -= n
+            i += 1
+
+        if self.waiting and (policy.admits_after_preemption or not plan.preempted):
+            self._admit_waiting(plan, budget)
+        self._plan = None
+        return plan
+
+    def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
+        """Offer admission in queue order. A blocking policy stops at the first refusal;
+        the others skip ahead, but look at most `admission_scan_limit` refusals deep so
+        that a long queue costs a bounded amount per step."""
+        policy = self.policy
+        policy.begin_admission()
+        waiting = self.waiting
+        i = 0
+        num_refused = 0
+        while i < len(waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = waiting[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_preempted = len(plan.preempted)
+            if not policy.try_admit(request, n):
+                num_refused += 1
+                if policy.head_of_line_blocking or num_refused >= policy.admission_scan_limit:
+                    break
+                i += 1
+                continue
+            if len(plan.preempted) > num_preempted:
+                i = waiting.index(request)  # victims were queued, possibly ahead of it
+            del waiting[i]
+            if request.swapped_blocks:
+                plan.swap_in_blocks += request.swapped_blocks
+                self.ledger.unpark(request.swapped_blocks)
+                request.swapped_blocks = 0
+            if request.status is Status.PREEMPTED:
+                request.resumed_step = self.step_index
+                self.counters["resume"] += 1
+            request.status = Status.RUNNING
+            self.running.append(request)
+            plan.scheduled[request] = n
+            budget -= n
+
+    def _enqueue(self, request: Request) -> None:
+        """Queue order: FCFS with preempted requests in front (vLLM), or by the policy's
+        key, which must not change while the request waits."""
+        key = self.policy.queue_key
+        if key is None:
+            if request.status is Status.PREEMPTED:
+                self.waiting.insert(0, request)
+            else:
+                self.waiting.append(request)
+        else:
+            bisect.insort(self.waiting, request, key=key)
+
+    def preempt(self, victim: Request, mode: str) -> int:
+        """Evict a running request; returns the token budget it gives back this step."""
+        plan = self._plan
+        refund = plan.scheduled.pop(victim, 0) if plan is not None else 0
+        self._release(victim)
+        self.running.remove(victim)
+        if mode == SWAP:
+            victim.swapped_blocks = blocks_for(victim.num_computed_tokens, self.config.block_size)
+            if not self.ledger.try_park(victim.swapped_blocks):
+                raise AssertionError(f"no host swap space for {victim.request_id}: the policy must check")
+            victim.num_swaps += 1
+            if plan is not None:
+                plan.swap_out_blocks += victim.swapped_blocks
+        else:
+            victim.num_recomputed_tokens += victim.num_computed_tokens
+            victim.num_computed_tokens = 0
+        victim.status = Status.PREEMPTED
+        victim.num_preemptions += 1
+        self._enqueue(victim)
+        self.counters[f"preempt_{mode}"] += 1
+        if plan is not None:
+            plan.preempted.append((victim, mode))
+        return refund
+
+    def _release(self, request: Request) -> None:
+        for guest_id in self.ledger.release(request.request_id):
+            self.counters["guest_rehomed"] += 1
+            self.policy.on_guest_rehomed(self.requests[guest_id])
+
+    def on_step_done(self, plan: StepPlan, end_s: float, duration_s: float,
+                     is_finished: Callable[[Request], bool]) -> list[Request]:
+        """Advance progress counters; a request whose step covered all its known tokens
+        samples one more. Returns the requests that finished."""
+        self.now_s = end_s
+        self.step_index += 1
+        self.recent_iteration_s.append(duration_s)
+        self.max_recent_iteration_s = max(self.recent_iteration_s)
+        finished = []
+        for request, n in plan.scheduled.items():
+            request.num_computed_tokens += n
+            if request.num_computed_tokens < request.num_tokens:
+                continue  # a prefill chunk: no token sampled yet
+            request.num_output_tokens += 1
+            if request.first_token_s is None:
+                request.first_token_s = end_s
+            else:
+                request.token_gaps_s.append(end_s - request.last_token_s)
+            request.last_token_s = end_s
+            if is_finished(request):
+                request.status = Status.FINISHED
+                request.finish_s = end_s
+                self._release(request)
+                del self.requests[request.request_id]
+                finished.append(request)
+        if finished:
+            self.running = [r for r in self.running if r.status is Status.RUNNING]
+        self.policy.after_step(plan)
+        return finished
+
+
+def build_scheduler(policy: Policy, *, total_blocks: int, config: SchedulerConfig = SchedulerConfig(),
+                    can_swap: bool = False, host_swap_blocks: int = 0) -> ReplicaScheduler:
+    """A scheduler over a fresh ledger whose global reserve is sized for the policy."""
+    ledger = KVLedger(total_blocks, reserve_blocks=int(total_blocks * policy.reserve_fraction),
+                      host_swap_blocks=host_swap_blocks if can_swap else 0)
+    return ReplicaScheduler(config, policy, ledger, can_swap=can_swap)

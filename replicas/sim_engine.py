@@ -1,0 +1,40 @@
+"""The simulated engine: a step takes as long as the latency model says.
+
+It declares it can swap: KV blocks move over the host link, and the transfers of a step's
+swap-outs and swap-ins are added to its duration (vLLM V0 swapped synchronously too).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from replicas.scheduler import StepPlan
+
+
+class LatencyModel(Protocol):
+    def iteration_time_s(self, num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float: ...
+
+    def prefill_time_s(self, num_tokens: int) -> float: ...
+
+    def swap_time_s(self, num_tokens: int, block_size: int) -> float: ...
+
+
+class SimEngine:
+    can_swap = True
+
+    def __init__(self, latency: LatencyModel, block_size: int):
+        self.latency = latency
+        self.block_size = block_size
+
+    def step_duration_s(self, plan: StepPlan) -> float:
+        num_new = 0
+        num_context = 0
+        for request, n in plan.scheduled.items():
+            num_new += n
+            num_context += request.num_computed_tokens + n
+        duration = self.latency.iteration_time_s(num_new, len(plan.scheduled), num_context)
+        swapped_blocks = plan.swap_in_blocks + plan.swap_out_blocks
+        if swapped_blocks:
+            # swap_time_s is the round trip; each block here crosses the link once.
+            duration += self.latency.swap_time_s(swapped_blocks * self.block_size, self.block_size) / 2
+        return duration

@@ -1,0 +1,16 @@
+"""The policy core stays pure: importing it loads no framework and no numeric library."""
+
+import subprocess
+import sys
+
+POLICY_CORE = ["replicas.request", "replicas.ledger", "replicas.config", "replicas.scheduler",
+               "replicas.policies", "replicas.latency", "replicas.sim_engine", "predictor"]
+HEAVY = ["ray", "vllm", "torch", "redis", "numpy", "matplotlib", "pydantic"]
+
+
+def test_policy_core_imports_nothing_heavy():
+    """A fresh interpreter importing the policy core has none of the heavy modules loaded."""
+    code = (f"import sys\nfor m in {POLICY_CORE!r}: __import__(m)\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"policy core pulled in: {loaded}"

@@ -1,0 +1,43 @@
+"""The `cacheopt` command: a small sweep end to end, and clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import main
+
+
+def test_sim_writes_a_report(tmp_path):
+    """`cacheopt sim` writes raw results, a summary with ratios against vllm, and plots."""
+    out = tmp_path / "report"
+    code = main(["sim", "--policies", "vllm,cacheopt", "--rates", "6,9", "--limit", "300", "--kv-blocks", "1024",
+                 "--jobs", "1", "--no-progress", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["policy"], r["rate_rps"]) for r in rows} == {(p, r) for p in ("vllm", "cacheopt") for r in (6.0, 9.0)}
+    summary = (out / "summary.md").read_text()
+    assert "Maximum sustainable rate" in summary and "cacheopt" in summary
+    assert (out / "p95_ttft_vs_rate.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sim", "--policies", "fifo"], "unknown policy 'fifo'"),
+    (["sim", "--rates", "0"], "rates must be > 0"),
+    (["sim", "--kv-blocks", "3"], "cannot hold one request"),
+    (["sim", "--confidence", "1.5"], "confidence=1.5"),
+])
+def test_bad_input_is_one_line_not_a_traceback(argv, message, capsys):
+    """Bad arguments exit 2 with a one-line error naming the problem."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_malformed_rates_are_rejected_by_the_parser():
+    """A non-numeric rate list is an argparse usage error (exit 2), not a crash."""
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "sim", "--rates", "fast"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "expected comma-separated numbers" in proc.stderr
+    assert "Traceback" not in proc.stderr
