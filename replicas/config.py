@@ -31,6 +31,7 @@ class CacheOptConfig:
     reserve: bool = True  # 3: a global reserve for top-ups and critical requests
     slo_preemption: bool = True  # 4: slack order, critical requests, lexicographic victims
     swap_or_recompute: bool = True  # 5: swap when faster (else always recompute)
+    slo_token_budget: bool = True  # 4: size each step's chunked-prefill budget to the tightest TBT SLO
 
     confidence: float = 0.9  # p; the global scheduler retunes it by arrival rate
     topup_lookahead_iters: int = 8  # k
@@ -39,8 +40,10 @@ class CacheOptConfig:
     reserve_fraction: float = 0.05  # G as a share of the replica's blocks
     protect_steps: int = 32  # anti-thrash: a resumed request is not preempted for this long
     recent_iters_window: int = 64  # "largest recent iteration time" looks this far back
+    step_tbt_fraction: float = 0.5  # a step may last this share of the tightest running TBT SLO
 
-    MECHANISMS = ("padding", "reuse", "topup", "reserve", "slo_preemption", "swap_or_recompute")
+    MECHANISMS = ("padding", "reuse", "topup", "reserve", "slo_preemption", "swap_or_recompute",
+                  "slo_token_budget")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.confidence < 1.0:
@@ -51,6 +54,8 @@ class CacheOptConfig:
                      "protect_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CacheOptConfig.{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 < self.step_tbt_fraction <= 1.0:
+            raise ValueError(f"CacheOptConfig.step_tbt_fraction={self.step_tbt_fraction} must lie in (0, 1]")
         if self.recent_iters_window < 1:
             raise ValueError(f"CacheOptConfig.recent_iters_window={self.recent_iters_window} must be >= 1")
 

@@ -104,7 +104,7 @@ class ReplicaScheduler:
         self.now_s = now_s
         plan = StepPlan(self.step_index)
         self._plan = plan
-        budget = self.config.max_num_batched_tokens
+        budget = self.policy.step_token_budget()
         block_size = self.config.block_size
         shares = self.ledger.shares
         policy = self.policy

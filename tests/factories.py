@@ -59,6 +59,10 @@ class FakeCosts:
     def prefill_time_s(self, num_tokens):
         return self.recompute * num_tokens
 
+    def iteration_time_s(self, num_new_tokens, num_requests, num_context_tokens):
+        """2 ms per step plus 1 ms per new token."""
+        return 0.002 + 0.001 * num_new_tokens
+
     def swap_time_s(self, num_tokens, block_size):
         return self.swap * num_tokens
 

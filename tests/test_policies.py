@@ -338,6 +338,32 @@ def test_swapped_request_resumes_with_its_progress():
     assert s.ledger.host_swap_used == 0
 
 
+# --- chunked prefill under an SLO-derived token budget ----------------------------------------
+
+
+def test_token_budget_follows_tightest_running_tbt():
+    """With a 50 ms TBT request running, a step may last 25 ms: 2 ms + 1 ms per token -> about 23 tokens."""
+    s = make_scheduler(costs=FakeCosts(), budget=512, total_blocks=256)
+    assert s.policy.step_token_budget() == 512  # nobody running: vLLM's budget
+    r = make_request(prompt=4, output=50, slo=TIGHT)
+    s.add_request(r, 0.0)
+    run_step(s)
+    budget = s.policy.step_token_budget()
+    assert 23 - 16 <= budget <= 23  # bisection stops within 16 tokens, on the safe side
+    long_prompt = make_request(prompt=200, output=5, slo=LOOSE)
+    s.add_request(long_prompt, 0.0)
+    assert run_step(s).scheduled[long_prompt] == budget - 1  # the decode took one token
+
+
+def test_token_budget_off_is_vllm_budget():
+    """With slo_token_budget switched off the budget is max_num_batched_tokens."""
+    s = make_scheduler(costs=FakeCosts(), budget=512, slo_token_budget=False)
+    r = make_request(prompt=4, output=50, slo=TIGHT)
+    s.add_request(r, 0.0)
+    run_step(s)
+    assert s.policy.step_token_budget() == 512
+
+
 # --- shared mechanics -----------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from predictor.base import OutputLengthPredictor
 from predictor.oracle import OraclePredictor
 from replicas.config import CacheOptConfig
 from replicas.policies.base import Policy
-from replicas.policies.cacheopt import CacheOptPolicy, PreemptionCosts
+from replicas.policies.cacheopt import CacheOptPolicy, CostModel
 from replicas.policies.lcf import LcfPolicy
 from replicas.policies.s3 import S3Policy
 from replicas.policies.sglang import SglangPolicy
@@ -18,7 +18,7 @@ ABLATION_NAMES = tuple(f"cacheopt-no_{m}" for m in CacheOptConfig.MECHANISMS)
 
 
 def make_policy(name: str, *, predictor: OutputLengthPredictor | None = None,
-                costs: PreemptionCosts | None = None,
+                costs: CostModel | None = None,
                 cacheopt_config: CacheOptConfig = CacheOptConfig()) -> Policy:
     """A fresh policy object. `predictor` is required by `s3` and `cacheopt*`."""
     if name == "vllm":

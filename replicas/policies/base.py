@@ -42,6 +42,10 @@ class Policy:
     queue_key: Callable[[Request], float] | None = None
     admission_scan_limit = 1
 
+    def step_token_budget(self) -> int:
+        """Tokens this step may compute (vLLM: max_num_batched_tokens, whatever the SLOs)."""
+        return self.s.config.max_num_batched_tokens
+
     def begin_admission(self) -> None:
         """Called before a step offers admission to waiting requests."""
 

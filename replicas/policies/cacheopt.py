@@ -9,6 +9,10 @@
    gets a minimum allocation and may preempt requests with looser TBT SLOs. Victims are
    chosen lexicographically, and a just-resumed request is protected from re-preemption.
 5. Preempt by swapping or recomputing, whichever the cost model says is faster.
+
+Chunked prefill runs under a token budget sized so that a step stays within a share of the
+tightest TBT SLO among running requests (as Sarathi-Serve does), instead of vLLM's fixed
+budget, whose large prefill chunks stall every decode in the batch.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from replicas.request import Request
 from replicas.scheduler import RECOMPUTE, SWAP, blocks_for
 
 
-class PreemptionCosts(Protocol):
+class CostModel(Protocol):
+    """The engine's latency model, as far as the policy needs it."""
+
+    def iteration_time_s(self, num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float: ...
+
     def prefill_time_s(self, num_tokens: int) -> float: ...
 
     def swap_time_s(self, num_tokens: int, block_size: int) -> float: ...
@@ -41,7 +49,7 @@ class CacheOptPolicy(Policy):
     admission_scan_limit = 32
 
     def __init__(self, predictor: OutputLengthPredictor, config: CacheOptConfig = CacheOptConfig(),
-                 costs: PreemptionCosts | None = None, *, name: str | None = None):
+                 costs: CostModel | None = None, *, name: str | None = None):
         self.predictor = predictor
         self.config = config
         self.costs = costs
@@ -80,6 +88,30 @@ class CacheOptPolicy(Policy):
 
     def _target_blocks(self, request: Request) -> int:
         return blocks_for(request.prompt_tokens + request.bound_output_tokens, self.block_size)
+
+    # --- chunked prefill under an SLO-derived token budget ------------------------------------
+
+    def step_token_budget(self) -> int:
+        ceiling = self.s.config.max_num_batched_tokens
+        running = self.s.running
+        if not (self.config.slo_token_budget and self.costs and running):
+            return ceiling
+        target_s = self.config.step_tbt_fraction * min(r.slo.tbt_s for r in running)
+        num_requests = len(running)
+        context = self.ledger.held_total * self.block_size
+        time_s = self.costs.iteration_time_s
+        # Largest budget whose step fits the target, by bisection; never below one token
+        # per running request, so every decode still advances.
+        low, high = num_requests, ceiling
+        if low >= high or time_s(high, num_requests, context + high) <= target_s:
+            return max(low, high)
+        while high - low > 16:
+            mid = (low + high) // 2
+            if time_s(mid, num_requests, context + mid) <= target_s:
+                low = mid
+            else:
+                high = mid
+        return low
 
     # --- 2. reservation and reuse ----------------------------------------------------------
 
