@@ -86,7 +86,7 @@ class ReplicaScheduler:
             self._release(request)
             self.running.remove(request)
         else:
-            self.waiting.remove(request)
+            self._dequeue(request)
             if request.swapped_blocks:
                 self.ledger.unpark(request.swapped_blocks)
                 request.swapped_blocks = 0
@@ -143,27 +143,24 @@ class ReplicaScheduler:
         return plan
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
-        """Offer admission in queue order. A blocking policy stops at the first refusal;
-        the others skip ahead, but look at most `admission_scan_limit` refusals deep so
-        that a long queue costs a bounded amount per step."""
+        """Offer admission in the policy's order. A blocking policy stops at the first
+        refusal; the others skip ahead, but look at most `admission_scan_limit` refusals
+        deep so that a long queue costs a bounded amount per step."""
         policy = self.policy
         policy.begin_admission()
-        waiting = self.waiting
-        i = 0
         num_refused = 0
-        while i < len(waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = waiting[i]
+        admitted = []
+        for request in policy.admission_order(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if request.status is Status.RUNNING:
+                continue  # seen twice: a critical admission queued its victims mid-scan
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            num_preempted = len(plan.preempted)
             if not policy.try_admit(request, n):
                 num_refused += 1
                 if policy.head_of_line_blocking or num_refused >= policy.admission_scan_limit:
                     break
-                i += 1
                 continue
-            if len(plan.preempted) > num_preempted:
-                i = waiting.index(request)  # victims were queued, possibly ahead of it
-            del waiting[i]
             if request.swapped_blocks:
                 plan.swap_in_blocks += request.swapped_blocks
                 self.ledger.unpark(request.swapped_blocks)
@@ -175,6 +172,19 @@ class ReplicaScheduler:
             self.running.append(request)
             plan.scheduled[request] = n
             budget -= n
+            admitted.append(request)
+        for request in admitted:
+            self._dequeue(request)
+
+    def _dequeue(self, request: Request) -> None:
+        key = self.policy.queue_key
+        if key is None:
+            self.waiting.remove(request)  # FCFS admits from the front: a short scan
+            return
+        i = bisect.bisect_left(self.waiting, key(request), key=key)
+        while self.waiting[i] is not request:
+            i += 1
+        del self.waiting[i]
 
     def _enqueue(self, request: Request) -> None:
         """Queue order: FCFS with preempted requests in front (vLLM), or by the policy's

@@ -231,6 +231,19 @@ def test_cacheopt_queues_by_deadline():
     assert s.waiting == [tight, loose]
 
 
+def test_cacheopt_offers_preempted_then_on_time_then_late():
+    """Admission order: preempted requests, then new ones that can still make their deadline, then late ones."""
+    s = make_scheduler(total_blocks=64)
+    late = make_request(slo=TIGHT, arrival_s=0.0)  # deadline 1.0, passed at now = 2.0
+    on_time = make_request(slo=LOOSE, arrival_s=0.0)  # deadline 15.0
+    preempted = make_request(slo=LOOSE, arrival_s=0.0)
+    preempted.last_token_s, preempted.status = 1.9, Status.PREEMPTED  # TBT deadline 2.9
+    for r in (on_time, late, preempted):
+        s.add_request(r, 0.0)
+    s.now_s = 2.0
+    assert list(s.policy.admission_order(s.waiting)) == [preempted, on_time, late]
+
+
 def test_cacheopt_victim_order_is_lexicographic():
     """Victims: loosest TBT SLO, then longest predicted remaining time, then fewest blocks."""
     s = make_scheduler(total_blocks=200, block_size=4, protect_steps=0,

@@ -9,7 +9,7 @@ that preempted. Subclasses override only the decisions they change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from replicas.request import Request
@@ -48,6 +48,11 @@ class Policy:
 
     def begin_admission(self) -> None:
         """Called before a step offers admission to waiting requests."""
+
+    def admission_order(self, waiting: list[Request]) -> Iterable[Request]:
+        """The order in which this step offers admission: the queue's own order. Must not
+        copy the queue (it can be long); the scheduler dequeues admitted requests after."""
+        return iter(waiting)
 
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
         """Give `request` a share covering its next `num_new_tokens`, or change nothing."""

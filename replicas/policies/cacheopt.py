@@ -17,6 +17,9 @@ budget, whose large prefill chunks stall every decode in the batch.
 
 from __future__ import annotations
 
+import bisect
+import math
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from predictor.base import OutputLengthPredictor, check_confidence
@@ -43,6 +46,24 @@ def deadline_s(request: Request) -> float:
     return request.last_token_s + request.slo.tbt_s
 
 
+STARTED, NEW = 0, 1
+
+
+def queue_key(request: Request) -> tuple[int, float]:
+    """Preempted requests (their users are already reading a stalled stream) before new
+    ones; each group by deadline. Both parts are fixed while the request waits."""
+    return (STARTED if request.last_token_s is not None else NEW, deadline_s(request))
+
+
+def _slices(items: list, *bounds: tuple[int, int | None]) -> Iterator:
+    """items[a:b] for each (a, b) in turn (b None: to the end), lazily and without copying.
+    The list only grows while this runs (preempted victims are queued), so an index may
+    shift by a few places but stays in range; the scheduler skips repeats."""
+    for start, stop in bounds:
+        for i in range(start, len(items) if stop is None else min(stop, len(items))):
+            yield items[i]
+
+
 class CacheOptPolicy(Policy):
     name = "cacheopt"
     head_of_line_blocking = False
@@ -56,7 +77,7 @@ class CacheOptPolicy(Policy):
         self.confidence = config.confidence
         self.lookahead_tokens = config.topup_lookahead_iters if config.topup else 0
         self.recent_iters_window = config.recent_iters_window
-        self.queue_key = deadline_s if config.slo_preemption else None
+        self.queue_key = queue_key if config.slo_preemption else None
         self.reserve_fraction = config.reserve_fraction if config.reserve else 0.0
         if name:
             self.name = name
@@ -67,6 +88,17 @@ class CacheOptPolicy(Policy):
         # that was refused once makes every larger one refused too (bounded scan cost).
         self._refused_target = None
         self._max_idle = max((s.idle for s in self.ledger.shares.values() if s.host is None), default=0)
+
+    def admission_order(self, waiting: list[Request]) -> Iterable[Request]:
+        """Preempted requests first, then new requests that can still make their TTFT
+        deadline (earliest first), then the late ones: plain EDF serves the already-late
+        first in overload and makes everyone late (the domino effect). The queue is
+        sorted by (group, deadline), so this is a reordering of three slices."""
+        if self.queue_key is None:
+            return iter(waiting)
+        first_new = bisect.bisect_left(waiting, (NEW, -math.inf), key=self.queue_key)
+        first_on_time = bisect.bisect_right(waiting, (NEW, self.s.now_s), key=self.queue_key)
+        return _slices(waiting, (0, first_new), (first_on_time, None), (first_new, first_on_time))
 
     def set_confidence(self, confidence: float) -> None:
         """The global scheduler's knob: new arrivals are bounded at this confidence."""
