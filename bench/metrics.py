@@ -66,6 +66,10 @@ def _latency_block(prefix: str, values: np.ndarray) -> dict[str, float]:
     }
 
 
+def _percentile(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
 def _per_rate(count: float, duration_s: float) -> float:
     return count / duration_s if duration_s > 0 else float("nan")
 
@@ -123,6 +127,13 @@ def summarize(outcomes: Sequence[RequestOutcome], stats: RunStats) -> dict[str, 
         "throughput_rps": _per_rate(float(num_finished), stats.duration_s),
         "output_tokens_per_s": _per_rate(float(output.sum()), stats.duration_s),
     }
+    # Per SLO class: an SLO-aware policy trades one class's latency for another's.
+    class_names = np.array([o.slo.name for o in outcomes])
+    for name in sorted(set(class_names.tolist())):
+        mine = class_names == name
+        metrics[f"ttft_p95_s_{name}"] = _percentile(ttft[mine & has_first], 95)
+        metrics[f"max_gap_p95_s_{name}"] = _percentile(max_gap[mine & has_gap], 95)
+        metrics[f"slo_attainment_{name}"] = float(both_met[mine].mean())
     metrics |= _preemption_metrics(outcomes, stats)
     metrics |= _predictor_metrics(outcomes)
     metrics["kv_utilization_mean"] = float(stats.kv_utilization_mean)

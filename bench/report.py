@@ -232,7 +232,8 @@ def summary_markdown(rows: Sequence[Mapping], *, baseline: str, title: str, extr
         "largest token gap) is the headline tail TBT. With repeats: mean (min–max).",
         "## Maximum sustainable rate",
         f"Highest rate with SLO attainment >= {100 * slo_threshold:g}%, interpolated linearly "
-        "between the last passing and the first failing swept rate.",
+        "between the last passing and the first failing swept rate (>=: it passed the highest "
+        "rate swept, so the true value may be higher).",
         _msr_table(rows, policies, baseline, slo_threshold, num_repeats > 1),
         f"Knee (the baseline's maximum sustainable rate rounded up to a swept rate): "
         + (f"**{knee:g} req/s**." if knee is not None else "n/a."),
@@ -246,12 +247,21 @@ def summary_markdown(rows: Sequence[Mapping], *, baseline: str, title: str, extr
 
 def _msr_table(rows: Sequence[Mapping], policies: Sequence[str], baseline: str, slo_threshold: float,
                show_range: bool) -> str:
-    base = sustainable_rates(rows, baseline, slo_threshold)
+    """A policy that sustains the highest swept rate may sustain more: its rate and its
+    ratio are lower bounds, marked >=; with the baseline also capped the ratio is unknown."""
+    top_rate = rates_in(rows)[-1]
+    base = sustainable_rates(rows, baseline, slo_threshold)[0]
+    base_capped = base == top_rate
     body = []
     for policy in policies:
         msr = sustainable_rates(rows, policy, slo_threshold)
-        body.append([policy, _cell(*msr, "number", show_range),
-                     _fmt(msr[0] / base[0] if base[0] > 0 else math.nan, "ratio")])
+        capped = msr[0] == top_rate
+        ratio = _fmt(msr[0] / base if base > 0 else math.nan, "ratio")
+        if base_capped and capped and policy != baseline:
+            ratio = "n/a (both sustain every rate)"
+        elif capped and ratio != "–" and policy != baseline:
+            ratio = ">= " + ratio
+        body.append([policy, (">= " if capped else "") + _cell(*msr, "number", show_range), ratio])
     return _md_table(["policy", "max sustainable rate (req/s)", "ratio vs baseline"], body)
 
 

@@ -172,3 +172,13 @@ def test_max_sustainable_rate_rejects_mismatched_lengths():
     """Rates and attainments must pair up."""
     with pytest.raises(ValueError, match="3 rates but 2"):
         max_sustainable_rate([1, 2, 3], [0.9, 0.9])
+
+
+def test_per_class_metrics_split_by_slo_name():
+    """Each SLO class gets its own TTFT p95, max-gap p95 and attainment."""
+    fast = Slo("fast", ttft_s=1.0, tbt_s=0.1)
+    slow = Slo("slow", ttft_s=10.0, tbt_s=1.0)
+    outcomes = [outcome(0, slo=fast, ttft_s=0.5, gaps=[0.05]), outcome(1, slo=slow, ttft_s=5.0, gaps=[0.5])]
+    m = summarize(outcomes, stats())
+    assert m["ttft_p95_s_fast"] == 0.5 and m["ttft_p95_s_slow"] == 5.0
+    assert m["max_gap_p95_s_slow"] == 0.5 and m["slo_attainment_fast"] == 1.0

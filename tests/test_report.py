@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import report
 from bench.report import knee_rate, ratio_table, summary_markdown, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,16 +87,18 @@ def test_summary_has_sustainable_rate_and_knee(report_dir):
     text = (report_dir / "summary.md").read_text()
     vllm_msr = 4.0 + (0.95 - 0.9) / (0.95 - 0.5) * 2.0
     assert f"| vllm | {vllm_msr:.3g} | 1.00x |" in text
-    assert f"| cacheopt | 6 | {6.0 / vllm_msr:.2f}x |" in text
+    assert f"| cacheopt | >= 6 | >= {6.0 / vllm_msr:.2f}x |" in text  # passed the top rate
     assert knee_rate(make_rows(), "vllm") == 6.0
     assert "## 6 req/s (knee)" in text and text.rstrip().endswith("Data: test.")
 
 
-def test_no_cdf_plots_without_samples(tmp_path):
+def test_no_cdf_plots_without_samples(tmp_path, monkeypatch):
     """The knee CDFs are drawn only when samples are given."""
-    write_report(tmp_path, make_rows()[:2], title="No CDF")
-    assert (tmp_path / "p95_ttft_vs_rate.png").exists()
-    assert not (tmp_path / "ttft_cdf_knee.png").exists()
+    drawn = []
+    monkeypatch.setattr(report, "_plot_vs_rate", lambda path, *a, **kw: drawn.append(path.name))
+    monkeypatch.setattr(report, "_plot_cdf", lambda path, *a, **kw: drawn.append(path.name))
+    write_report(tmp_path, make_rows(), title="No CDF")
+    assert drawn == list(PLOTS)
 
 
 def test_repeats_give_mean_and_range():
