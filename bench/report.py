@@ -301,7 +301,7 @@ def _plot_all(out_dir: Path, rows: Sequence[Mapping], baseline: str,
         at = f" at {knee:g} req/s (knee)" if knee is not None else ""
         order = [p for p in policies if p in cdf_samples] + [p for p in cdf_samples if p not in policies]
         _plot_cdf(out_dir / "ttft_cdf_knee.png", cdf_samples, order, baseline, "ttft", f"TTFT (s){at}")
-        _plot_cdf(out_dir / "tbt_cdf_knee.png", cdf_samples, order, baseline, "tbt", f"time between tokens (s){at}")
+        _plot_cdf(out_dir / "tbt_cdf_knee.png", cdf_samples, order, baseline, "tbt", f"largest gap between tokens per request (s){at}")
 
 
 def _figure(num_panels: int):
@@ -313,7 +313,7 @@ def _figure(num_panels: int):
     fig = Figure(figsize=(width_in, height_in))
     FigureCanvasAgg(fig)
     # Fixed margins in inches: a layout engine would triple the drawing time.
-    fig.subplots_adjust(left=0.8 / width_in, right=1 - 0.2 / width_in, bottom=0.55 / height_in,
+    fig.subplots_adjust(left=0.9 / width_in, right=1 - 0.2 / width_in, bottom=0.55 / height_in,
                         top=1 - 0.2 / height_in, wspace=0.35)
     return fig, [fig.add_subplot(1, num_panels, i + 1) for i in range(num_panels)]
 

@@ -27,6 +27,8 @@ class SweepSpec:
     seeds: tuple[int, ...] = (0,)
     limit: int | None = None  # replay only the first `limit` test requests
     train_fraction: float = 0.2
+    # "test" for results; "train" to choose parameters without looking at the test part.
+    replay: str = "test"
     setup: SimSetup = field(default_factory=SimSetup)
 
     def __post_init__(self) -> None:
@@ -40,17 +42,20 @@ class SweepSpec:
             raise ValueError(f"rates must be > 0 req/s, got {list(self.rates)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1")
+        if self.replay not in ("test", "train"):
+            raise ValueError(f"replay={self.replay!r} must be 'test' or 'train'")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction={self.train_fraction} must lie in (0, 1)")
 
 
 @functools.lru_cache(maxsize=8)
-def workload(trace: str, seed: int, train_fraction: float,
-             limit: int | None) -> tuple[list[TraceRequest], LengthQuantilePredictor]:
-    """The replayed requests and the length predictor fitted on the held-out training part."""
+def workload(trace: str, seed: int, train_fraction: float, limit: int | None,
+             replay: str = "test") -> tuple[list[TraceRequest], LengthQuantilePredictor]:
+    """The replayed requests and the length predictor fitted on the training part."""
     train, test = split_train_test(load_azure_trace(trace, seed=seed), train_fraction, seed=seed)
     predictor = LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens) for r in train)
-    return (test[:limit] if limit else test), predictor
+    replayed = test if replay == "test" else train
+    return (replayed[:limit] if limit else replayed), predictor
 
 
 @dataclass
@@ -61,8 +66,8 @@ class RunOutput:
 
 
 def run_one(spec: SweepSpec, policy: str, rate: float, seed: int) -> RunOutput:
-    test, predictor = workload(spec.trace, seed, spec.train_fraction, spec.limit)
-    result = simulate(scale_to_rate(test, rate), policy, spec.setup, predictor)
+    requests, predictor = workload(spec.trace, seed, spec.train_fraction, spec.limit, spec.replay)
+    result = simulate(scale_to_rate(requests, rate), policy, spec.setup, predictor)
     row = {"policy": policy, "rate_rps": rate, "repeat": seed,
            **summarize(result.outcomes, result.stats),
            "num_dropped": result.num_dropped, "num_steps": result.num_steps, "sim_wall_s": result.wall_s}

@@ -27,12 +27,28 @@ def test_sim_writes_a_report(tmp_path):
     (["sim", "--rates", "0"], "rates must be > 0"),
     (["sim", "--kv-blocks", "3"], "cannot hold one request"),
     (["sim", "--confidence", "1.5"], "confidence=1.5"),
+    (["sim", "--cacheopt-option", "reserve_fraction"], "NAME=VALUE"),
+    (["sim", "--cacheopt-option", "colour=blue"], "not a number"),
+    (["sim", "--cacheopt-option", "colour=1"], "unknown CacheOptConfig option(s): colour"),
+    (["sim", "--max-num-batched-tokens", "0"], "max_num_batched_tokens=0"),
 ])
 def test_bad_input_is_one_line_not_a_traceback(argv, message, capsys):
     """Bad arguments exit 2 with a one-line error naming the problem."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cacheopt_options_reach_the_policy(tmp_path):
+    """--cacheopt-option and --confidence set CacheOptConfig fields; the summary records them."""
+    out = tmp_path / "report"
+    code = main(["sim", "--policies", "cacheopt", "--rates", "6", "--limit", "100", "--kv-blocks", "1024",
+                 "--cacheopt-option", "reserve_fraction=0.01", "--cacheopt-option", "reuse=false",
+                 "--confidence", "0.6", "--replay", "train", "--jobs", "1", "--no-progress", "--out", str(out)])
+    assert code == 0
+    summary = (out / "summary.md").read_text()
+    assert "reserve_fraction=0.01" in summary and "reuse=False" in summary and "confidence=0.6" in summary
+    assert "train split" in summary
 
 
 def test_malformed_rates_are_rejected_by_the_parser():
