@@ -16,6 +16,8 @@ class PredictionInput(Protocol):
     prompt_tokens: int
     max_tokens: int
     slo: SloLike
+    prompt_text: str | None  # None when the workload carries token counts only
+    predicted_output_tokens: int  # the point estimate made at arrival (0 before)
     # Known only in simulation; only the oracle reads it.
     true_output_tokens: int | None
 

@@ -1,9 +1,11 @@
-"""Length-only predictor: empirical output-length quantiles per prompt-length bucket.
+"""Length-only predictor: empirical output-length quantiles per prompt-length bucket and
+SLO class.
 
 For traces that carry token counts but no text. Fitted on a training split; the bound at
 confidence p is the empirical p-quantile of the bucket's output lengths, and the
 conditional bound for a request that already generated g tokens is the p-quantile of the
 bucket's lengths that exceed g (the residual distribution of requests that reached g).
+A (bucket, class) cell with too few samples falls back to the bucket over all classes.
 """
 
 from __future__ import annotations
@@ -21,24 +23,31 @@ DEFAULT_EDGES = (128, 256, 512, 1024, 2048, 4096, 8192)
 class LengthQuantilePredictor:
     name = "length"
 
-    def __init__(self, lengths_by_bucket: Sequence[Sequence[int]], edges: Sequence[int] = DEFAULT_EDGES):
+    def __init__(self, lengths_by_bucket: Sequence[Sequence[int]], edges: Sequence[int] = DEFAULT_EDGES,
+                 lengths_by_class: dict[tuple[int, str], Sequence[int]] | None = None):
         if len(lengths_by_bucket) != len(edges) + 1:
             raise ValueError(f"{len(lengths_by_bucket)} buckets for {len(edges)} edges; need edges + 1")
         self.edges = tuple(edges)
         self._sorted = [sorted(b) for b in lengths_by_bucket]
+        self._by_class = {key: sorted(v) for key, v in (lengths_by_class or {}).items()}
         if not any(self._sorted):
             raise ValueError("no training samples")
 
     @classmethod
-    def fit(cls, samples: Iterable[tuple[int, int]], *, edges: Sequence[int] = DEFAULT_EDGES,
-            min_samples: int = 50) -> LengthQuantilePredictor:
-        """Fit on (prompt_tokens, output_tokens) pairs. A bucket with fewer than
-        `min_samples` borrows the samples of its nearest populated neighbours until it has
-        enough, so sparse tails of the prompt distribution still get a sane quantile."""
+    def fit(cls, samples: Iterable[tuple[int, int] | tuple[int, int, str]], *,
+            edges: Sequence[int] = DEFAULT_EDGES, min_samples: int = 50) -> LengthQuantilePredictor:
+        """Fit on (prompt_tokens, output_tokens[, slo_class]) tuples. A bucket with fewer
+        than `min_samples` borrows the samples of its nearest populated neighbours until it
+        has enough, so sparse tails of the prompt distribution still get a sane quantile;
+        a (bucket, class) cell is kept only if it has `min_samples` of its own."""
         buckets: list[list[int]] = [[] for _ in range(len(edges) + 1)]
+        by_class: dict[tuple[int, str], list[int]] = {}
         total = 0
-        for prompt_tokens, output_tokens in samples:
-            buckets[bisect.bisect_right(edges, prompt_tokens)].append(max(1, output_tokens))
+        for prompt_tokens, output_tokens, *slo_class in samples:
+            index = bisect.bisect_right(edges, prompt_tokens)
+            buckets[index].append(max(1, output_tokens))
+            if slo_class:
+                by_class.setdefault((index, slo_class[0]), []).append(max(1, output_tokens))
             total += 1
         if total == 0:
             raise ValueError("cannot fit a length predictor on zero samples")
@@ -53,14 +62,16 @@ class LengthQuantilePredictor:
                         pool.extend(buckets[j])
                 radius += 1
             pooled.append(pool)
-        return cls(pooled, edges)
+        kept = {key: lengths for key, lengths in by_class.items() if len(lengths) >= min_samples}
+        return cls(pooled, edges, kept)
 
-    def _bucket(self, prompt_tokens: int) -> list[int]:
-        return self._sorted[bisect.bisect_right(self.edges, prompt_tokens)]
+    def _bucket(self, request: PredictionInput) -> list[int]:
+        index = bisect.bisect_right(self.edges, request.prompt_tokens)
+        return self._by_class.get((index, request.slo.name)) or self._sorted[index]
 
     def predict(self, request: PredictionInput, confidence: float) -> LengthPrediction:
         check_confidence(confidence)
-        lengths = self._bucket(request.prompt_tokens)
+        lengths = self._bucket(request)
         cap = request.max_tokens
         point = min(cap, _quantile(lengths, 0.5))
         bound = min(cap, max(point, _quantile(lengths, confidence)))
@@ -69,7 +80,7 @@ class LengthQuantilePredictor:
     def conditional_bound(self, request: PredictionInput, generated_tokens: int, confidence: float) -> int:
         check_confidence(confidence)
         cap = request.max_tokens
-        lengths = self._bucket(request.prompt_tokens)
+        lengths = self._bucket(request)
         beyond = lengths[bisect.bisect_right(lengths, generated_tokens):]
         if beyond:
             bound = _quantile(beyond, confidence)

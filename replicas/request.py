@@ -36,6 +36,7 @@ class Request:
     slo: Slo
     # Known to the simulator only. Policies never read it; the oracle predictor does.
     true_output_tokens: int | None = None
+    prompt_text: str | None = None  # for text-based predictors; None for token-count traces
 
     num_computed_tokens: int = 0
     num_output_tokens: int = 0
