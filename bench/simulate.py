@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from bench.metrics import RequestOutcome, RunStats
 from bench.traces import TraceRequest
+from global_scheduler.confidence import ConfidenceController
 from predictor.base import OutputLengthPredictor
 from replicas.config import CacheOptConfig, SchedulerConfig
 from replicas.latency import get_latency_model
@@ -67,7 +68,10 @@ def fits_context(item: TraceRequest, setup: SimSetup) -> bool:
 
 
 def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
-             predictor: OutputLengthPredictor | None) -> SimResult:
+             predictor: OutputLengthPredictor | None,
+             controller: ConfidenceController | None = None) -> SimResult:
+    """Replay `trace` through one replica. `controller` plays the global scheduler: it
+    hears every arrival and finish and sets the policy's confidence p (policies with a p)."""
     started = time.perf_counter()
     latency = get_latency_model(setup.latency_model)
     block_size = setup.scheduler.block_size
@@ -82,8 +86,10 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
     kept = [item for item in trace if fits_context(item, setup)]
     requests = [Request(request_id=item.request_id, arrival_s=item.arrival_s, prompt_tokens=item.prompt_tokens,
                         max_tokens=min(setup.max_tokens, setup.max_model_len - item.prompt_tokens),
-                        slo=item.slo, true_output_tokens=min(item.output_tokens, setup.max_tokens))
+                        slo=item.slo, true_output_tokens=min(item.output_tokens, setup.max_tokens),
+                        prompt_text=getattr(item, "prompt_text", None))
                 for item in kept]
+    tunable = controller is not None and hasattr(policy, "set_confidence")
     requests.sort(key=lambda r: r.arrival_s)
 
     def is_finished(request: Request) -> bool:
@@ -98,6 +104,9 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
         if not scheduler.has_work:
             now = max(now, requests[next_arrival].arrival_s)
         while next_arrival < len(requests) and requests[next_arrival].arrival_s <= now:
+            if tunable:
+                controller.observe_arrival(requests[next_arrival].arrival_s)
+                policy.set_confidence(controller.confidence(now))
             scheduler.add_request(requests[next_arrival], now)
             next_arrival += 1
         plan = scheduler.schedule(now)
@@ -117,7 +126,10 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
         num_idle_plans = 0
         duration = engine.step_duration_s(plan)
         now += duration
-        scheduler.on_step_done(plan, now, duration, is_finished)
+        finished = scheduler.on_step_done(plan, now, duration, is_finished)
+        if tunable:
+            for request in finished:
+                controller.observe_finish(request.true_output_tokens > request.bound_at_admission_tokens)
         held_block_sum += ledger.held_total
         num_steps += 1
         if setup.check_invariants:

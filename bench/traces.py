@@ -39,6 +39,9 @@ class TraceRequest:
     prompt_tokens: int
     output_tokens: int  # the true generated length (>= 1)
     slo: Slo
+    # The prompt itself, for predictors that read text (bench.alpaca_workload); the Azure
+    # traces carry token counts only, so None there.
+    prompt_text: str | None = None
 
 
 def load_azure_trace(

@@ -14,6 +14,18 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class ConfidenceController(Protocol):
+    """What the global scheduler (or the simulator driver) runs: it hears of every
+    arrival and every finish, and says which p new requests get."""
+
+    def observe_arrival(self, arrival_s: float) -> None: ...
+
+    def observe_finish(self, under_predicted: bool) -> None: ...
+
+    def confidence(self, now_s: float) -> float: ...
 
 
 class ArrivalRateEstimator:
@@ -65,6 +77,43 @@ class RateTunedConfidence:
         return self.p_max - share * (self.p_max - self.p_min)
 
 
+@dataclass(frozen=True)
+class FixedConfidence:
+    """The same p whatever happens (the baseline the tuners are measured against)."""
+
+    p: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.p < 1.0:
+            raise ValueError(f"p={self.p} must lie in (0, 1)")
+
+    def observe_arrival(self, arrival_s: float) -> None:
+        pass
+
+    def observe_finish(self, under_predicted: bool) -> None:
+        pass
+
+    def confidence(self, now_s: float) -> float:
+        return self.p
+
+
+class RateController:
+    """p from the arrival rate over the last `window_s` seconds."""
+
+    def __init__(self, tuner: RateTunedConfidence, window_s: float = 10.0):
+        self.tuner = tuner
+        self.estimator = ArrivalRateEstimator(window_s)
+
+    def observe_arrival(self, arrival_s: float) -> None:
+        self.estimator.observe(arrival_s)
+
+    def observe_finish(self, under_predicted: bool) -> None:
+        pass
+
+    def confidence(self, now_s: float) -> float:
+        return self.tuner.confidence(self.estimator.rate_rps(now_s))
+
+
 class FeedbackConfidence:
     """Holds the observed rate of under-predictions (requests that outlive the bound they
     were admitted with) at `target`: each event moves p up by `step * (1 - target)`, each
@@ -82,10 +131,13 @@ class FeedbackConfidence:
         self.target, self.step, self.p_min, self.p_max = target, step, p_min, p_max
         self.p = p_max if initial is None else min(p_max, max(p_min, initial))
 
-    def observe(self, under_predicted: bool) -> float:
+    def observe_arrival(self, arrival_s: float) -> None:
+        pass
+
+    def observe_finish(self, under_predicted: bool) -> float:
         error = (1.0 if under_predicted else 0.0) - self.target
         self.p = min(self.p_max, max(self.p_min, self.p + self.step * error))
         return self.p
 
-    def confidence(self) -> float:
+    def confidence(self, now_s: float = 0.0) -> float:
         return self.p

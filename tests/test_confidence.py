@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from global_scheduler.confidence import ArrivalRateEstimator, FeedbackConfidence, RateTunedConfidence
+from global_scheduler.confidence import (ArrivalRateEstimator, FeedbackConfidence, FixedConfidence, RateController,
+                                        RateTunedConfidence)
 
 
 def test_rate_estimate_of_a_steady_stream():
@@ -45,7 +46,7 @@ def test_feedback_settles_where_misses_hit_the_target():
     """If misses happen with probability 1 - p (a calibrated bound), p settles near 1 - target."""
     rng = random.Random(0)
     feedback = FeedbackConfidence(target=0.2, step=0.002, p_min=0.5, p_max=0.99)
-    history = [feedback.observe(rng.random() > feedback.confidence()) for _ in range(30000)]
+    history = [feedback.observe_finish(rng.random() > feedback.confidence()) for _ in range(30000)]
     settled = history[10000:]
     assert sum(settled) / len(settled) == pytest.approx(0.8, abs=0.02)
 
@@ -55,3 +56,25 @@ def test_bad_tuner_settings_are_clear_errors(kwargs):
     """Impossible settings raise ValueError naming the values."""
     with pytest.raises(ValueError):
         RateTunedConfidence(**kwargs)
+
+
+def test_rate_controller_lowers_p_when_arrivals_crowd_in():
+    """Fed a slow then a fast stream, the controller's p falls from p_max to p_min."""
+    controller = RateController(RateTunedConfidence(p_min=0.5, p_max=0.9, low_rps=2, high_rps=10), window_s=5)
+    t = 0.0
+    for _ in range(20):
+        t += 1.0  # 1 req/s
+        controller.observe_arrival(t)
+    assert controller.confidence(t) == 0.9
+    for _ in range(200):
+        t += 0.05  # 20 req/s
+        controller.observe_arrival(t)
+    assert controller.confidence(t) == 0.5
+
+
+def test_fixed_confidence_is_fixed():
+    """FixedConfidence ignores every event."""
+    fixed = FixedConfidence(0.8)
+    fixed.observe_arrival(1.0)
+    fixed.observe_finish(True)
+    assert fixed.confidence(2.0) == 0.8

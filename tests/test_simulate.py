@@ -83,3 +83,21 @@ def test_unknown_policy_is_a_clear_error(small_trace):
     trace, predictor = small_trace
     with pytest.raises(ValueError, match="unknown policy 'fifo'.*vllm"):
         simulate(trace, "fifo", SimSetup(kv_blocks=1024), predictor)
+
+
+def test_confidence_controller_sets_the_policy_bound(small_trace):
+    """A controller's p is the confidence every admitted request's bound was made with."""
+    from global_scheduler.confidence import FixedConfidence
+
+    trace, predictor = small_trace
+    result = simulate(trace[:50], "cacheopt", SimSetup(kv_blocks=1024), predictor, FixedConfidence(0.55))
+    requests = {o.request_id: o for o in result.outcomes}
+    for item in trace[:50]:
+        probe = _probe_request(item)
+        assert requests[item.request_id].bound_tokens == predictor.predict(probe, 0.55).bound_tokens
+
+
+def _probe_request(item):
+    from replicas.request import Request
+
+    return Request(item.request_id, item.arrival_s, item.prompt_tokens, 1024, item.slo)
