@@ -11,17 +11,27 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
 from bench.traces import TraceRequest, load_azure_trace, scale_to_rate, split_train_test
+from global_scheduler.confidence import (ConfidenceController, FeedbackConfidence, RateController,
+                                         RateTunedConfidence)
+from predictor.base import OutputLengthPredictor
 from predictor.length_quantile import LengthQuantilePredictor
+from predictor.training import DEFAULT_ARTIFACT
 from replicas.policies import ABLATION_NAMES, POLICY_NAMES
+
+
+TRACES = ("conv", "code", "alpaca")
+PREDICTORS = ("length", "learned")
+CONFIDENCE_MODES = ("fixed", "rate", "feedback")
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    trace: str = "conv"
+    trace: str = "conv"  # an Azure trace, or "alpaca": AlpacaEval prompts on the conv trace's arrivals
     policies: tuple[str, ...] = POLICY_NAMES
     rates: tuple[float, ...] = (4.0, 6.0, 8.0)
     seeds: tuple[int, ...] = (0,)
@@ -29,6 +39,14 @@ class SweepSpec:
     train_fraction: float = 0.2
     # "test" for results; "train" to choose parameters without looking at the test part.
     replay: str = "test"
+    predictor: str = "length"  # "learned" needs prompt text: the alpaca workload
+    artifact: Path = DEFAULT_ARTIFACT
+    # How p is set: the configured p ("fixed"), from the arrival rate ("rate"), or to hold
+    # the share of under-predicted requests at `feedback_target` ("feedback").
+    confidence_mode: str = "fixed"
+    p_range: tuple[float, float] = (0.5, 0.95)
+    rate_band_rps: tuple[float, float] = (6.0, 14.0)
+    feedback_target: float = 0.3
     setup: SimSetup = field(default_factory=SimSetup)
 
     def __post_init__(self) -> None:
@@ -42,6 +60,13 @@ class SweepSpec:
             raise ValueError(f"rates must be > 0 req/s, got {list(self.rates)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1")
+        for name, value, allowed in (("trace", self.trace, TRACES), ("predictor", self.predictor, PREDICTORS),
+                                     ("confidence_mode", self.confidence_mode, CONFIDENCE_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
+        if self.predictor == "learned" and self.trace != "alpaca":
+            raise ValueError(f"the learned predictor reads prompt text, which the Azure {self.trace!r} trace does "
+                             "not carry; use trace 'alpaca'")
         if self.replay not in ("test", "train"):
             raise ValueError(f"replay={self.replay!r} must be 'test' or 'train'")
         if not 0.0 < self.train_fraction < 1.0:
@@ -49,13 +74,46 @@ class SweepSpec:
 
 
 @functools.lru_cache(maxsize=8)
-def workload(trace: str, seed: int, train_fraction: float, limit: int | None,
-             replay: str = "test") -> tuple[list[TraceRequest], LengthQuantilePredictor]:
-    """The replayed requests and the length predictor fitted on the training part."""
-    train, test = split_train_test(load_azure_trace(trace, seed=seed), train_fraction, seed=seed)
+def workload(spec: SweepSpec, seed: int) -> tuple[list[TraceRequest], OutputLengthPredictor]:
+    """The replayed requests and the predictor, which never saw them."""
+    if spec.trace == "alpaca":
+        return _alpaca_workload(spec, seed)
+    train, test = split_train_test(load_azure_trace(spec.trace, seed=seed), spec.train_fraction, seed=seed)
     predictor = LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens) for r in train)
-    replayed = test if replay == "test" else train
-    return (replayed[:limit] if limit else replayed), predictor
+    replayed = test if spec.replay == "test" else train
+    return (replayed[:spec.limit] if spec.limit else replayed), predictor
+
+
+def _alpaca_workload(spec: SweepSpec, seed: int) -> tuple[list[TraceRequest], OutputLengthPredictor]:
+    """AlpacaEval prompts split by prompt as the learned model's artifact was (seed 0
+    split when no artifact is used), Llama-3-8B-Instruct's real response lengths, on the
+    conv trace's arrival times. The seed permutes prompts over arrivals and SLO classes."""
+    from bench.alpaca_workload import DEFAULT_GENERATOR, alpaca_trace
+    from predictor.alpaca import load_alpaca, split_by_prompt
+    from predictor.tokens import chat_prompt_tokens
+    from predictor.training import DEFAULT_FRACTIONS, load_learned_predictor, split_of
+
+    fractions, split_seed = split_of(spec.artifact) if spec.predictor == "learned" else (DEFAULT_FRACTIONS, 0)
+    train, _, test = split_by_prompt(load_alpaca(), fractions, seed=split_seed)
+    if spec.predictor == "learned":
+        predictor = load_learned_predictor(spec.artifact)
+    else:
+        predictor = LengthQuantilePredictor.fit(
+            (chat_prompt_tokens(r.instruction), r.output_tokens) for r in train if r.generator == DEFAULT_GENERATOR)
+    requests = alpaca_trace(test if spec.replay == "test" else train, arrivals_from="conv", limit=spec.limit,
+                            seed=seed)
+    return requests, predictor
+
+
+def controller_for(spec: SweepSpec) -> ConfidenceController | None:
+    p_min, p_max = spec.p_range
+    if spec.confidence_mode == "rate":
+        low, high = spec.rate_band_rps
+        return RateController(RateTunedConfidence(p_min=p_min, p_max=p_max, low_rps=low, high_rps=high))
+    if spec.confidence_mode == "feedback":
+        return FeedbackConfidence(spec.feedback_target, p_min=p_min, p_max=p_max,
+                                  initial=spec.setup.cacheopt.confidence)
+    return None
 
 
 @dataclass
@@ -66,8 +124,8 @@ class RunOutput:
 
 
 def run_one(spec: SweepSpec, policy: str, rate: float, seed: int) -> RunOutput:
-    requests, predictor = workload(spec.trace, seed, spec.train_fraction, spec.limit, spec.replay)
-    result = simulate(scale_to_rate(requests, rate), policy, spec.setup, predictor)
+    requests, predictor = workload(spec, seed)
+    result = simulate(scale_to_rate(requests, rate), policy, spec.setup, predictor, controller_for(spec))
     row = {"policy": policy, "rate_rps": rate, "repeat": seed,
            **summarize(result.outcomes, result.stats),
            "num_dropped": result.num_dropped, "num_steps": result.num_steps, "sim_wall_s": result.wall_s}

@@ -1,6 +1,7 @@
 """The `cacheopt` command.
 
     cacheopt sim     rate sweep of scheduling policies on the simulated engine, with a report
+    cacheopt predictor train|eval   the learned output-length predictor
     cacheopt speed   the simulator's and the policies' own speed
 """
 
@@ -56,7 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="sweep arrival rates over policies on the simulated engine",
                          description="Replay a real trace at several arrival rates for each policy on the "
                                      "simulated engine; write results.csv/json, summary.md and plots.")
-    sim.add_argument("--trace", default="conv", choices=["conv", "code"], help="Azure LLM 2023 trace (default conv)")
+    sim.add_argument("--trace", default="conv", choices=["conv", "code", "alpaca"],
+                     help="Azure LLM 2023 trace (conv, code), or alpaca: AlpacaEval prompts with Llama-3-8B-Instruct's "
+                          "real response lengths on the conv trace's arrivals (default conv)")
+    sim.add_argument("--predictor", default="length", choices=["length", "learned"],
+                     help="output-length predictor for s3 and cacheopt: length-only quantiles, or the learned text "
+                          "model (needs --trace alpaca and a trained artifact)")
+    sim.add_argument("--artifact", type=Path, default=Path("artifacts/text-length"),
+                     help="learned predictor artifact (cacheopt predictor train)")
+    sim.add_argument("--confidence-mode", default="fixed", choices=["fixed", "rate", "feedback"],
+                     help="p fixed, tuned by the arrival rate, or by feedback on under-predictions (default fixed)")
+    sim.add_argument("--p-range", type=_floats, default="0.5,0.95", help="p_min,p_max for the tuned modes")
+    sim.add_argument("--rate-band", type=_floats, default="6,14",
+                     help="LOW,HIGH req/s per replica: p_max at LOW and below, p_min at HIGH and above")
+    sim.add_argument("--feedback-target", type=float, default=0.3,
+                     help="share of requests allowed to outlive their admission bound (feedback mode)")
     sim.add_argument("--policies", type=_names, default=",".join(POLICY_NAMES),
                      help="comma-separated policies (default: %(default)s)")
     sim.add_argument("--ablation", action="store_true",
@@ -81,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--jobs", type=int, default=None, help="parallel processes (default: CPU count)")
     sim.add_argument("--out", type=Path, default=None, help="report folder (default reports/sim-<trace>-<model>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    predictor = sub.add_parser("predictor", help="train or evaluate the learned output-length predictor")
+    predictor_sub = predictor.add_subparsers(dest="predictor_command", required=True)
+    train = predictor_sub.add_parser(
+        "train", help="fit the text model on AlpacaEval and calibrate its bounds",
+        description="Fit the text length model on the training prompts of AlpacaEval (five models' responses "
+                    "to 805 prompts, split by prompt), calibrate the conformal and Hoeffding bounds on the "
+                    "calibration prompts, and save a versioned artifact.")
+    train.add_argument("--out", type=Path, default=Path("artifacts/text-length"), help="artifact directory")
+    train.add_argument("--seed", type=int, default=0, help="seed of the split by prompt")
+    train.add_argument("--data-dir", type=Path, default=None, help="AlpacaEval files (default: shipped copies)")
+    evaluate = predictor_sub.add_parser(
+        "eval", help="held-out coverage, padding, MAE and cost of an artifact",
+        description="Evaluate an artifact on its held-out test prompts: coverage at p in 0.8/0.9/0.95/0.99 for "
+                    "both bounds, padding, MAE, against no padding and max_tokens, and prediction cost.")
+    evaluate.add_argument("--artifact", type=Path, default=Path("artifacts/text-length"))
+    evaluate.add_argument("--out", type=Path, default=Path("reports/predictor"))
+    evaluate.add_argument("--max-tokens", type=int, default=2048)
+    evaluate.add_argument("--data-dir", type=Path, default=None)
 
     speed = sub.add_parser("speed", help="measure the simulator's and the policies' own speed",
                            description="Time the full conversation trace for one policy at one rate, and "
@@ -111,8 +145,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
                      scheduler=SchedulerConfig(block_size=args.block_size,
                                                max_num_batched_tokens=args.max_num_batched_tokens),
                      cacheopt=cacheopt)
+    if len(args.p_range) != 2 or len(args.rate_band) != 2:
+        raise ValueError("--p-range and --rate-band take two comma-separated numbers")
     spec = SweepSpec(trace=args.trace, policies=policies, rates=args.rates, seeds=args.seeds, limit=args.limit,
-                     replay=args.replay, setup=setup)
+                     replay=args.replay, predictor=args.predictor, artifact=args.artifact,
+                     confidence_mode=args.confidence_mode, p_range=args.p_range, rate_band_rps=args.rate_band,
+                     feedback_target=args.feedback_target, setup=setup)
     out = args.out or Path("reports") / f"sim-{args.trace}-{args.latency_model}"
     total = len(spec.policies) * len(spec.rates) * len(spec.seeds)
     print(f"simulating {total} runs: {len(spec.policies)} policies x {len(spec.rates)} rates x "
@@ -126,14 +164,35 @@ def cmd_sim(args: argparse.Namespace) -> int:
     baseline = "vllm" if "vllm" in spec.policies else spec.policies[0]
     knee = knee_rate(rows, baseline)
     samples = knee_samples(outputs, knee, spec.seeds[0]) if knee is not None else None
-    setup_md = (f"## Setup\n\nTrace `{args.trace}` (Azure LLM inference 2023, {args.replay} split; the length "
-                f"predictor is fitted on the {spec.train_fraction:.0%} train split), latency model `{args.latency_model}`, "
+    setup_md = (f"## Setup\n\nTrace `{args.trace}` ({args.replay} split; predictor `{args.predictor}`, "
+                f"confidence {args.confidence_mode}), latency model `{args.latency_model}`, "
                 f"{setup.total_blocks()} KV blocks of {args.block_size} tokens, max_tokens {args.max_tokens}, "
                 f"max_num_batched_tokens {args.max_num_batched_tokens}, "
-                f"CacheOPT {cacheopt}. Command: `cacheopt {' '.join(sys.argv[1:])}`")
+                f"CacheOPT {cacheopt}. Command: `cacheopt {' '.join(sys.argv[1:])}`\n\nData: Azure LLM inference "
+                f"trace 2023 (CC-BY 4.0, Microsoft; Patel et al., Splitwise, ISCA 2024)"
+                + ("; AlpacaEval prompts and outputs (CC BY-NC 4.0, tatsu-lab/alpaca_eval)" if args.trace == "alpaca"
+                   else "") + ". See bench/data/NOTICE.md and predictor/data/README.md.")
     summary = write_report(out, rows, baseline=baseline, title=f"Simulated sweep: {args.trace} trace on "
                            f"{args.latency_model}", cdf_samples=samples, extra_markdown=setup_md)
     print(f"report: {summary}")
+    return 0
+
+
+def cmd_predictor(args: argparse.Namespace) -> int:
+    from predictor import training
+    from predictor.alpaca import DATA_DIR
+
+    data_dir = args.data_dir or DATA_DIR
+    if args.predictor_command == "train":
+        summary = training.train(args.out, data_dir=data_dir, seed=args.seed)
+        print(f"artifact: {summary['artifact']} ({summary['train_records']} training, "
+              f"{summary['calibration_records']} calibration, {summary['test_records']} held-out responses; "
+              f"calibration MAE {summary['calibration_mae_tokens']:.1f} tokens)")
+        return 0
+    result = training.evaluate(args.artifact, data_dir=data_dir, max_tokens=args.max_tokens)
+    path = training.write_eval_report(result, args.out)
+    print(path.read_text())
+    print(f"report: {path}")
     return 0
 
 
@@ -149,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"sim": cmd_sim, "speed": cmd_speed}[args.command](args)
+        return {"sim": cmd_sim, "predictor": cmd_predictor, "speed": cmd_speed}[args.command](args)
     except ValueError as error:
         print(f"cacheopt {args.command}: error: {error}", file=sys.stderr)
         return 2
