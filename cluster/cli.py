@@ -189,7 +189,14 @@ def cmd_predictor(args: argparse.Namespace) -> int:
               f"{summary['calibration_records']} calibration, {summary['test_records']} held-out responses; "
               f"calibration MAE {summary['calibration_mae_tokens']:.1f} tokens)")
         return 0
+    from bench.traces import load_azure_trace, split_train_test
+
     result = training.evaluate(args.artifact, data_dir=data_dir, max_tokens=args.max_tokens)
+    train_part, test_part = split_train_test(load_azure_trace("conv"), 0.2, seed=0)
+    result["length_only_trace"] = "conv"
+    result["length_only"] = training.evaluate_length_only(
+        [(r.prompt_tokens, r.output_tokens) for r in train_part], [(r.prompt_tokens, r.output_tokens) for r in test_part],
+        max_tokens=1024)
     path = training.write_eval_report(result, args.out)
     print(path.read_text())
     print(f"report: {path}")

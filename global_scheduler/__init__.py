@@ -1,2 +1,2 @@
-"""The global scheduler: arrival-rate estimation, confidence tuning and reserve coordination
-across replicas (DESIGN section 2). Not built yet: see issues 3 and 5."""
+"""The global scheduler: arrival-rate estimation and confidence tuning (confidence.py), and,
+with issue 5, reserve coordination across replicas and the Ray actor around them."""

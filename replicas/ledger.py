@@ -52,19 +52,6 @@ class KVLedger:
         self.held_total = 0
         self.shares: dict[str, Share] = {}
 
-    # --- queries -------------------------------------------------------------------
-
-    def share(self, rid: str) -> Share | None:
-        return self.shares.get(rid)
-
-    def room(self, rid: str) -> int:
-        """Blocks `rid` may still hold without asking anyone: its idle promise."""
-        s = self.shares[rid]
-        return s.idle
-
-    def available(self, *, use_reserve: bool) -> int:
-        return self.free + (self.reserve_free if use_reserve else 0)
-
     # --- admission -----------------------------------------------------------------
 
     def try_reserve(self, rid: str, blocks: int, *, use_reserve: bool = False) -> int | None:
@@ -123,19 +110,6 @@ class KVLedger:
             self._detach(rid, s)
         s.reserved += blocks
         return drawn
-
-    def trim(self, rid: str, reserved: int) -> None:
-        """Shrink an owner's promise to `reserved` (never below what it holds and lends)."""
-        s = self.shares[rid]
-        reserved = max(reserved, s.held + s.lent)
-        if reserved >= s.reserved:
-            return
-        excess = s.reserved - reserved
-        s.reserved = reserved
-        if s.host is not None:
-            self.shares[s.host].lent -= excess
-        else:
-            self._give_back(excess)
 
     # --- release -------------------------------------------------------------------
 

@@ -69,8 +69,3 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return self.prompt_tokens + self.num_output_tokens
-
-    @property
-    def remaining_bound_tokens(self) -> int:
-        """Tokens still expected under the padded bound (at least 1 while unfinished)."""
-        return max(1, self.bound_output_tokens - self.num_output_tokens)

@@ -36,15 +36,6 @@ class StepPlan:
     swap_in_blocks: int = 0
     swap_out_blocks: int = 0
 
-    @property
-    def num_new_tokens(self) -> int:
-        return sum(self.scheduled.values())
-
-    @property
-    def num_context_tokens(self) -> int:
-        """KV tokens the step's attention reads: each request's context after the step."""
-        return sum(r.num_computed_tokens + n for r, n in self.scheduled.items())
-
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
@@ -56,7 +47,7 @@ class ReplicaScheduler:
         self.policy = policy
         self.ledger = ledger
         self.can_swap = can_swap
-        self.waiting: list[Request] = []  # new and preempted requests; preempted go first
+        self.waiting: list[Request] = []  # new and preempted requests, in the policy's queue order
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
         self.counters: Counter[str] = Counter()
@@ -223,9 +214,8 @@ class ReplicaScheduler:
         return refund
 
     def _release(self, request: Request) -> None:
-        for guest_id in self.ledger.release(request.request_id):
-            self.counters["guest_rehomed"] += 1
-            self.policy.on_guest_rehomed(self.requests[guest_id])
+        # A host's guests keep their blocks, which become their own (ledger.release).
+        self.counters["guest_rehomed"] += len(self.ledger.release(request.request_id))
 
     def on_step_done(self, plan: StepPlan, end_s: float, duration_s: float,
                      is_finished: Callable[[Request], bool]) -> list[Request]:

@@ -92,7 +92,7 @@ def test_reserve_target_moves_blocks_both_ways():
     ledger.check_invariants()
 
 
-ops = st.lists(st.tuples(st.sampled_from(["reserve", "embed", "hold", "topup", "trim", "release", "lease"]),
+ops = st.lists(st.tuples(st.sampled_from(["reserve", "embed", "hold", "topup", "release", "lease"]),
                          st.integers(0, 7), st.integers(0, 7), st.integers(0, 40)), max_size=80)
 
 
@@ -112,8 +112,6 @@ def test_random_operation_sequences_keep_invariants(sequence):
             ledger.try_hold(rid, n)
         elif op == "topup" and rid in ledger.shares:
             ledger.try_top_up(rid, n, use_reserve=bool(n % 2))
-        elif op == "trim" and rid in ledger.shares:
-            ledger.trim(rid, n)
         elif op == "release" and rid in ledger.shares:
             ledger.release(rid)
         elif op == "lease":

@@ -83,9 +83,6 @@ class Policy:
     def preemption_mode(self, victim: Request) -> str:
         return RECOMPUTE
 
-    def on_guest_rehomed(self, guest: Request) -> None:
-        """A host finished or was preempted; its guest now owns its reservation."""
-
     def after_step(self, plan: StepPlan) -> None:
         """Called after every step's progress is applied."""
 

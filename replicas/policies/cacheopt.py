@@ -83,7 +83,7 @@ class CacheOptPolicy(Policy):
             self.name = name
 
     def begin_admission(self) -> None:
-        self._critical_preempts_before_step = self.s.counters["critical_preempt"]
+        self._preempted_for_critical = False  # at most one such preemption per step
         # Admissions only shrink what is free or idle, so within one step a reservation
         # that was refused once makes every larger one refused too (bounded scan cost).
         self._refused_target = None
@@ -256,8 +256,8 @@ class CacheOptPolicy(Policy):
             if drawn is not None:
                 self.s.counters["reserve_draw_blocks"] += drawn
                 return True
-            if self.s.counters["critical_preempt"] > self._critical_preempts_before_step:
-                return False  # at most one preemption per step on behalf of critical admissions
+            if self._preempted_for_critical:
+                return False
             looser = [r for r in self.s.running if r.slo.tbt_s > request.slo.tbt_s
                       and r.num_preemptions == 0 and not self._protected(r)]
             if not looser:
@@ -265,6 +265,7 @@ class CacheOptPolicy(Policy):
             victim = min(looser, key=self._victim_key)
             self.s.preempt(victim, self.preemption_mode(victim))
             self.s.counters["critical_preempt"] += 1
+            self._preempted_for_critical = True
 
     def _protected(self, request: Request) -> bool:
         return self.s.step_index - request.resumed_step < self.config.protect_steps
