@@ -240,9 +240,30 @@ def summary_markdown(rows: Sequence[Mapping], *, baseline: str, title: str, extr
     ]
     for rate in rates:
         parts += [f"## {rate:g} req/s" + (" (knee)" if rate == knee else ""), ratio_table(rows, baseline, rate)]
+    if knee is not None:
+        parts += [f"## Per SLO class at the knee ({knee:g} req/s)", per_class_table(rows, policies, knee)]
     if extra_markdown:
         parts.append(extra_markdown.strip())
     return "\n\n".join(parts) + "\n"
+
+
+def per_class_table(rows: Sequence[Mapping], policies: Sequence[str], rate: float) -> str:
+    """TTFT p95 and SLO attainment of each SLO class (`*_<class>` metrics), mean over repeats."""
+    classes = sorted({key.removeprefix("slo_attainment_") for row in rows for key in row
+                      if key.startswith("slo_attainment_")})
+    if not classes:
+        return "No per-class metrics in these rows."
+    body = []
+    for policy in policies:
+        runs = _runs(rows, policy, rate)
+        cells = [policy]
+        for name in classes:
+            for metric, kind in ((f"ttft_p95_s_{name}", "latency"), (f"slo_attainment_{name}", "fraction")):
+                values = _values(runs, metric)
+                cells.append(_fmt(float(values.mean()) if values.size else math.nan, kind))
+        body.append(cells)
+    header = ["policy"] + [f"{name} {what}" for name in classes for what in ("TTFT p95 (s)", "SLO att.")]
+    return _md_table(header, body)
 
 
 def _msr_table(rows: Sequence[Mapping], policies: Sequence[str], baseline: str, slo_threshold: float,

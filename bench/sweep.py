@@ -44,8 +44,9 @@ class SweepSpec:
     # How p is set: the configured p ("fixed"), from the arrival rate ("rate"), or to hold
     # the share of under-predicted requests at `feedback_target` ("feedback").
     confidence_mode: str = "fixed"
-    p_range: tuple[float, float] = (0.5, 0.95)
-    rate_band_rps: tuple[float, float] = (6.0, 14.0)
+    p_range: tuple[float, float] = (0.3, 0.9)
+    # Per replica; set from the sustainable rate on the training split (docs/RESULTS.md 2.2).
+    rate_band_rps: tuple[float, float] = (8.0, 16.5)
     feedback_target: float = 0.3
     setup: SimSetup = field(default_factory=SimSetup)
 
@@ -71,6 +72,7 @@ class SweepSpec:
             raise ValueError(f"replay={self.replay!r} must be 'test' or 'train'")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction={self.train_fraction} must lie in (0, 1)")
+        controller_for(self)  # bad tuner settings fail here, not in a worker process
 
 
 @functools.lru_cache(maxsize=8)

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="learned predictor artifact (cacheopt predictor train)")
     sim.add_argument("--confidence-mode", default="fixed", choices=["fixed", "rate", "feedback"],
                      help="p fixed, tuned by the arrival rate, or by feedback on under-predictions (default fixed)")
-    sim.add_argument("--p-range", type=_floats, default="0.5,0.95", help="p_min,p_max for the tuned modes")
-    sim.add_argument("--rate-band", type=_floats, default="6,14",
+    sim.add_argument("--p-range", type=_floats, default="0.3,0.9", help="p_min,p_max for the tuned modes")
+    sim.add_argument("--rate-band", type=_floats, default="8,16.5",
                      help="LOW,HIGH req/s per replica: p_max at LOW and below, p_min at HIGH and above")
     sim.add_argument("--feedback-target", type=float, default=0.3,
                      help="share of requests allowed to outlive their admission bound (feedback mode)")

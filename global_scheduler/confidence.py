@@ -58,10 +58,10 @@ class RateTunedConfidence:
     Non-increasing in the rate by construction. The rates are per replica; a deployment
     sets them from its sustainable rate (the simulator's sweep or `cacheopt bench`)."""
 
-    p_min: float = 0.5
-    p_max: float = 0.95
-    low_rps: float = 6.0
-    high_rps: float = 14.0
+    p_min: float = 0.3
+    p_max: float = 0.9
+    low_rps: float = 8.0  # half and all of CacheOPT's sustainable rate on the simulated
+    high_rps: float = 16.5  # H100 replica with the conv trace's training split
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p_min <= self.p_max < 1.0:
@@ -120,7 +120,7 @@ class FeedbackConfidence:
     on-time finish moves it down by `step * target`, so p settles where the miss rate is
     the target (a stochastic-approximation update), clamped to [p_min, p_max]."""
 
-    def __init__(self, target: float = 0.1, *, step: float = 0.002, p_min: float = 0.5, p_max: float = 0.95,
+    def __init__(self, target: float = 0.3, *, step: float = 0.002, p_min: float = 0.3, p_max: float = 0.9,
                  initial: float | None = None):
         if not 0.0 < target < 1.0:
             raise ValueError(f"target={target} must lie in (0, 1)")

@@ -120,3 +120,14 @@ def test_empty_rows_rejected(tmp_path):
     """A report of nothing is an input error."""
     with pytest.raises(ValueError, match="no rows"):
         write_report(tmp_path, [], title="x")
+
+
+def test_per_class_table_lists_each_slo_class():
+    """The per-class table has a TTFT and an attainment column per class, averaged over repeats."""
+    from bench.report import per_class_table
+
+    rows = [{"policy": "p", "rate_rps": 1.0, "repeat": k, "ttft_p95_s_chat": 1.0 + k, "slo_attainment_chat": 0.5,
+             "ttft_p95_s_batch": 2.0, "slo_attainment_batch": 1.0} for k in (0, 1)]
+    table = per_class_table(rows, ["p"], 1.0)
+    assert "batch TTFT p95 (s)" in table and "chat SLO att." in table
+    assert "1.5" in table  # mean of 1.0 and 2.0
