@@ -57,11 +57,7 @@ class Policy:
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
         """Give `request` a share covering its next `num_new_tokens`, or change nothing."""
         blocks = self._blocks_after(request, num_new_tokens)
-        if self.ledger.try_reserve(request.request_id, blocks) is None:
-            return False
-        self.ledger.try_hold(request.request_id, blocks)
-        self.s.counters["admit"] += 1
-        return True
+        return self._admit_reserving(request, held_blocks=blocks, reserved_blocks=blocks)
 
     # --- running requests ----------------------------------------------------------------
 
@@ -87,6 +83,14 @@ class Policy:
         """Called after every step's progress is applied."""
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _admit_reserving(self, request: Request, *, held_blocks: int, reserved_blocks: int) -> bool:
+        """Promise `reserved_blocks` from the free pool and hold `held_blocks` of them."""
+        if self.ledger.try_reserve(request.request_id, reserved_blocks) is None:
+            return False
+        self.ledger.try_hold(request.request_id, held_blocks)
+        self.s.counters["admit"] += 1
+        return True
 
     def _blocks_after(self, request: Request, num_new_tokens: int) -> int:
         return blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)

@@ -26,12 +26,8 @@ class S3Policy(Policy):
 
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
         need = self._blocks_after(request, num_new_tokens)
-        target = max(need, blocks_for(request.prompt_tokens + request.bound_output_tokens, self.block_size))
-        if self.ledger.try_reserve(request.request_id, target) is None:
-            return False
-        self.ledger.try_hold(request.request_id, need)
-        self.s.counters["admit"] += 1
-        return True
+        target = blocks_for(request.prompt_tokens + request.bound_output_tokens, self.block_size)
+        return self._admit_reserving(request, held_blocks=need, reserved_blocks=max(need, target))
 
     def try_grow(self, request: Request, held_blocks: int) -> bool:
         share = self.ledger.shares[request.request_id]
