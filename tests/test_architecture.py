@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 POLICY_CORE = ["replicas.request", "replicas.ledger", "replicas.config", "replicas.scheduler",
-               "replicas.policies", "replicas.latency", "replicas.sim_engine", "predictor"]
-HEAVY = ["ray", "vllm", "torch", "redis", "numpy", "matplotlib", "pydantic"]
+               "replicas.policies", "replicas.latency", "replicas.sim_engine", "predictor", "predictor.bounds",
+               "predictor.point_bound", "predictor.tokens", "global_scheduler.confidence"]
+HEAVY = ["ray", "vllm", "torch", "redis", "numpy", "matplotlib", "pydantic", "sklearn"]
 
 
 def test_policy_core_imports_nothing_heavy():
