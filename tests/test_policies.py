@@ -406,3 +406,15 @@ def test_confidence_is_validated():
     s = make_scheduler()
     with pytest.raises(ValueError, match="confidence"):
         s.policy.set_confidence(1.5)
+
+
+def test_vllm_admits_only_if_the_whole_prompt_fits():
+    """vLLM 0.32's full-sequence gate: a request whose first chunk fits but whole prompt does not waits."""
+    s = make_scheduler("vllm", total_blocks=10, block_size=4, budget=8)  # 40 tokens of KV, 8-token chunks
+    r = make_request(prompt=44, output=2)
+    s.add_request(r, 0.0)
+    assert not run_step(s).scheduled
+    fits = make_scheduler("vllm", total_blocks=11, block_size=4, budget=8)
+    r2 = make_request(prompt=44, output=2)
+    fits.add_request(r2, 0.0)
+    assert run_step(fits).scheduled == {r2: 8} and held(fits, r2) == 2

@@ -3,8 +3,8 @@
 vLLM V1 (v0.32 `Scheduler.schedule`): running requests first, in admission order; a running
 request that cannot get its next block preempts the most recently admitted one (possibly
 itself) and recomputes it; waiting requests are admitted first-come first-served while
-their next chunk fits, stopping at the first that does not; nothing is admitted in a step
-that preempted. Subclasses override only the decisions they change.
+their whole sequence fits (only the next chunk is allocated), stopping at the first that
+does not; nothing is admitted in a step that preempted. Subclasses override only the decisions they change.
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ class Policy:
         return iter(waiting)
 
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
-        """Give `request` a share covering its next `num_new_tokens`, or change nothing."""
+        """Give `request` a share covering its next `num_new_tokens`, or change nothing.
+
+        Like vLLM 0.32 with its default `scheduler_reserve_full_isl=True`: admit only if the
+        whole sequence so far fits in the free blocks, though only the next chunk is
+        allocated (`allocate_slots(..., full_sequence_must_fit=True)`)."""
+        if blocks_for(request.num_tokens, self.block_size) > self.ledger.free:
+            return False
         blocks = self._blocks_after(request, num_new_tokens)
         return self._admit_reserving(request, held_blocks=blocks, reserved_blocks=blocks)
 
