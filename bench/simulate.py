@@ -87,7 +87,7 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
     requests = [Request(request_id=item.request_id, arrival_s=item.arrival_s, prompt_tokens=item.prompt_tokens,
                         max_tokens=min(setup.max_tokens, setup.max_model_len - item.prompt_tokens),
                         slo=item.slo, true_output_tokens=min(item.output_tokens, setup.max_tokens),
-                        prompt_text=getattr(item, "prompt_text", None))
+                        prompt_text=item.prompt_text)
                 for item in kept]
     tunable = controller is not None and hasattr(policy, "set_confidence")
     requests.sort(key=lambda r: r.arrival_s)
@@ -111,8 +111,7 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
             next_arrival += 1
         plan = scheduler.schedule(now)
         if not plan.scheduled:
-            # Nothing could run: all preempted themselves (admission resumes next step) or
-            # nothing fits until the next arrival. Twice in a row with no arrival left is a bug.
+            # Nothing could run: everyone preempted itself (admission resumes next step), or
             # nothing fits until time passes (an arrival, or a waiting request turning critical).
             num_idle_plans += 1
             if num_idle_plans > 2:
