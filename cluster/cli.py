@@ -2,6 +2,7 @@
 
     cacheopt sim     rate sweep of scheduling policies on the simulated engine, with a report
     cacheopt predictor train|eval   the learned output-length predictor
+    cacheopt model build   the local model (tiny Llama config, BPE tokenizer) for CPU vLLM
     cacheopt speed   the simulator's and the policies' own speed
 """
 
@@ -116,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, default=2048)
     evaluate.add_argument("--data-dir", type=Path, default=None)
 
+    model = sub.add_parser("model", help="build the local model that vLLM runs without downloads")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    build = model_sub.add_parser(
+        "build", help="write a tiny Llama config and train its BPE tokenizer",
+        description="Write a tiny Llama-architecture config and a BPE tokenizer trained on text shipped in the "
+                    "project. vLLM runs it with load_format=dummy: random weights, real compute and KV cache, "
+                    "meaningless text.")
+    build.add_argument("--out", type=Path, default=Path("models/tiny-llama"))
+
     speed = sub.add_parser("speed", help="measure the simulator's and the policies' own speed",
                            description="Time the full conversation trace for one policy at one rate, and "
                                        "microseconds per scheduling step at several running-request counts.")
@@ -203,6 +213,14 @@ def cmd_predictor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from replicas.local_model import build_local_model
+
+    path = build_local_model(args.out)
+    print(f"local model: {path} (random weights when run with load_format=dummy: meaningless text)")
+    return 0
+
+
 def cmd_speed(args: argparse.Namespace) -> int:
     from bench.speed import write_speed_report
 
@@ -215,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"sim": cmd_sim, "predictor": cmd_predictor, "speed": cmd_speed}[args.command](args)
+        commands = {"sim": cmd_sim, "predictor": cmd_predictor, "model": cmd_model, "speed": cmd_speed}
+        return commands[args.command](args)
     except ValueError as error:
         print(f"cacheopt {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -9,3 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# The local model the CPU vLLM engine runs (config and tokenizer, no download; 1 s).
+[ -f models/tiny-llama/config.json ] || .venv/bin/cacheopt model build --out models/tiny-llama > /dev/null
