@@ -49,6 +49,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from predictor.training import DEFAULT_ARTIFACT
     from replicas.latency import LATENCY_MODELS
     from replicas.policies import POLICY_NAMES
 
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--predictor", default="length", choices=["length", "learned"],
                      help="output-length predictor for s3 and cacheopt: length-only quantiles, or the learned text "
                           "model (needs --trace alpaca and a trained artifact)")
-    sim.add_argument("--artifact", type=Path, default=Path("artifacts/text-length"),
+    sim.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT,
                      help="learned predictor artifact (cacheopt predictor train)")
     sim.add_argument("--confidence-mode", default="fixed", choices=["fixed", "rate", "feedback"],
                      help="p fixed, tuned by the arrival rate, or by feedback on under-predictions (default fixed)")
@@ -105,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit the text length model on the training prompts of AlpacaEval (five models' responses "
                     "to 805 prompts, split by prompt), calibrate the conformal and Hoeffding bounds on the "
                     "calibration prompts, and save a versioned artifact.")
-    train.add_argument("--out", type=Path, default=Path("artifacts/text-length"), help="artifact directory")
+    train.add_argument("--out", type=Path, default=DEFAULT_ARTIFACT, help="artifact directory")
     train.add_argument("--seed", type=int, default=0, help="seed of the split by prompt")
     train.add_argument("--data-dir", type=Path, default=None, help="AlpacaEval files (default: shipped copies)")
     evaluate = predictor_sub.add_parser(
         "eval", help="held-out coverage, padding, MAE and cost of an artifact",
         description="Evaluate an artifact on its held-out test prompts: coverage at p in 0.8/0.9/0.95/0.99 for "
                     "both bounds, padding, MAE, against no padding and max_tokens, and prediction cost.")
-    evaluate.add_argument("--artifact", type=Path, default=Path("artifacts/text-length"))
+    evaluate.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
     evaluate.add_argument("--out", type=Path, default=Path("reports/predictor"))
     evaluate.add_argument("--max-tokens", type=int, default=2048)
     evaluate.add_argument("--data-dir", type=Path, default=None)

@@ -4,13 +4,14 @@ vLLM V1 (v0.32 `Scheduler.schedule`): running requests first, in admission order
 request that cannot get its next block preempts the most recently admitted one (possibly
 itself) and recomputes it; waiting requests are admitted first-come first-served while
 their whole sequence fits (only the next chunk is allocated), stopping at the first that
-does not; nothing is admitted in a step that preempted. Subclasses override only the decisions they change.
+does not; nothing is admitted in a step that preempted. Subclasses override only the
+decisions they change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from replicas.request import Request
 from replicas.scheduler import RECOMPUTE, StepPlan, blocks_for
@@ -39,7 +40,7 @@ class Policy:
 
     # Waiting-queue order: None is FCFS with preempted requests in front; otherwise a
     # key function of the request whose value must not change while it waits.
-    queue_key: Callable[[Request], float] | None = None
+    queue_key: Callable[[Request], Any] | None = None  # any sortable value, e.g. a tuple
     admission_scan_limit = 1
 
     def step_token_budget(self) -> int:
