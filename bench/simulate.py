@@ -34,6 +34,7 @@ class SimSetup:
     max_model_len: int = 8192  # Llama-3-8B's context
     max_tokens: int = 1024  # per-request output cap (the Azure conv trace's longest output is 1000)
     host_swap_blocks: int | None = None  # None: as many as the GPU has
+    can_swap: bool = True  # False: an engine that only recomputes (vLLM V1)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cacheopt: CacheOptConfig = field(default_factory=CacheOptConfig)
     check_invariants: bool = False  # ledger.check_invariants() after every step (tests)
@@ -80,7 +81,7 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
     engine = SimEngine(latency, block_size)
     swap_blocks = total_blocks if setup.host_swap_blocks is None else setup.host_swap_blocks
     scheduler = build_scheduler(policy, total_blocks=total_blocks, config=setup.scheduler,
-                                can_swap=engine.can_swap, host_swap_blocks=swap_blocks)
+                                can_swap=engine.can_swap and setup.can_swap, host_swap_blocks=swap_blocks)
     ledger = scheduler.ledger
 
     kept = [item for item in trace if fits_context(item, setup)]

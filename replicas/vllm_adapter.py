@@ -32,6 +32,7 @@ import json
 import time
 from typing import Any
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -40,9 +41,11 @@ from vllm.v1.request import Request as VllmRequest
 from vllm.v1.request import RequestStatus
 
 from replicas.config import SchedulerConfig
-from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_SLO, EngineSettings, forwarded_prediction
+from replicas.engine_settings import EngineSettings, RequestHints
 from replicas.request import Request
 from replicas.scheduler import RECOMPUTE, StepPlan, build_scheduler
+
+logger = init_logger(__name__)
 
 
 class AdapterError(RuntimeError):
@@ -129,19 +132,30 @@ class CacheOptScheduler(_Timed, Scheduler):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.settings = _settings_of(self.vllm_config)
         self._check_supported()
-        policy = self.settings.build_policy()
-        self.core = build_scheduler(
-            policy,
-            total_blocks=self.kv_cache_manager.block_pool.num_gpu_blocks - 1,  # block 0 is vLLM's null block
-            config=SchedulerConfig(block_size=self.block_size, max_num_seqs=self.max_num_active_reqs,
-                                   max_num_batched_tokens=self.max_num_scheduled_tokens),
-            can_swap=False)
         self._plan: StepPlan | None = None
         self._plan_started_s = 0.0
+        self._configure(_settings_of(self.vllm_config))
+
+    def _configure(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.core = build_scheduler(
+            settings.build_policy(),
+            total_blocks=self.kv_cache_manager.block_pool.num_gpu_blocks - 1,  # block 0 is vLLM's null block
+            config=self.core_config(), can_swap=False)
         self.num_invariant_checks = 0
-        self._init_step_log(self.settings)
+        self._init_step_log(settings)
+
+    def core_config(self) -> SchedulerConfig:
+        return SchedulerConfig(block_size=self.block_size, max_num_seqs=self.max_num_active_reqs,
+                               max_num_batched_tokens=self.max_num_scheduled_tokens)
+
+    def reconfigure(self, settings: EngineSettings) -> None:
+        """Another policy or settings, on an idle engine (tests reuse one engine)."""
+        if self.requests:
+            raise AdapterError(f"reconfigure needs an idle engine; {len(self.requests)} requests are in flight")
+        self._step_log.close()
+        self._configure(settings)
 
     def _check_supported(self) -> None:
         """Refuse configurations whose code paths the override dropped (they would run
@@ -175,23 +189,18 @@ class CacheOptScheduler(_Timed, Scheduler):
             raise AdapterError(f"streaming input sessions are not supported (request {request.request_id})")
         if request.use_structured_output:
             raise AdapterError(f"structured output is not supported (request {request.request_id})")
-        mirror = self._mirror_of(request)  # before vLLM queues it: a bad extra_arg rejects it whole
+        hints, problems = RequestHints.parse(request.sampling_params.extra_args, self.settings,
+                                             max_tokens=request.max_tokens)
+        if problems:
+            logger.warning("request %s: ignoring bad CacheOPT hints: %s", request.request_id, "; ".join(problems))
         super().add_request(request)
-        confidence = (request.sampling_params.extra_args or {}).get(XARG_CONFIDENCE)
-        if confidence is not None and hasattr(self.core.policy, "set_confidence"):
-            self.core.policy.set_confidence(float(confidence))
+        if hints.confidence is not None and hasattr(self.core.policy, "set_confidence"):
+            self.core.policy.set_confidence(hints.confidence)
+        mirror = Request(request_id=request.request_id, arrival_s=request.arrival_time,
+                         prompt_tokens=request.num_prompt_tokens,
+                         max_tokens=max(1, min(hints.max_tokens, self.max_model_len - request.num_prompt_tokens)),
+                         slo=hints.slo, forwarded_prediction=hints.forwarded_prediction)
         self.core.add_request(mirror, time.time())
-
-    def _mirror_of(self, request: VllmRequest) -> Request:
-        extra = request.sampling_params.extra_args or {}
-        max_tokens = int(extra.get(XARG_MAX_TOKENS, request.max_tokens))
-        if not 1 <= max_tokens:
-            raise ValueError(f"{XARG_MAX_TOKENS}={max_tokens} must be >= 1")
-        return Request(request_id=request.request_id, arrival_s=request.arrival_time,
-                       prompt_tokens=request.num_prompt_tokens,
-                       max_tokens=min(max_tokens, self.max_model_len - request.num_prompt_tokens),
-                       slo=self.settings.slo(extra.get(XARG_SLO)),
-                       forwarded_prediction=forwarded_prediction(extra))
 
     def finish_requests(self, request_ids, finished_status: RequestStatus) -> list[VllmRequest]:
         finished = super().finish_requests(request_ids, finished_status)

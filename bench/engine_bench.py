@@ -1,0 +1,182 @@
+"""`cacheopt bench --engine vllm`: one real trace, several rates, each scheduler on its own
+real engine, side by side; plus the simulator on the same requests for fidelity.
+
+Policy `vllm` is vLLM's own scheduler (timed by `StepLogScheduler`); any other policy
+name runs in vLLM through the adapter (`CacheOptScheduler`). Every engine gets the same
+forced KV pressure, the same token budget and the same requests (lengths divided by
+`length_divisor` to suit the small model's context, outputs capped at `max_tokens`).
+SLO classes are the usual multiples (bench/slo.py) of this engine's calibrated unloaded
+per-token latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.engine import (ADAPTER_CLS, NATIVE_CLS, EngineSetup, outcomes_of, read_step_log, replay, run_stats,
+                          start_async_engine, stop_engine)
+from bench.metrics import summarize
+from bench.simulate import SimSetup, simulate
+from bench.slo import scaled_slo_classes
+from bench.traces import TraceRequest, load_azure_trace, scale_to_rate, scale_tokens, split_train_test
+from predictor.length_quantile import LengthQuantilePredictor
+from replicas.config import SchedulerConfig
+from replicas.engine_settings import EngineSettings
+from replicas.latency import get_latency_model
+from replicas.policies import ABLATION_NAMES, POLICY_NAMES
+
+LATENCY_MODEL = "tiny-llama-cpu"
+# Fidelity compares these, simulated against measured.
+FIDELITY_METRICS = ("ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "max_gap_p95_s")
+
+
+@dataclass(frozen=True)
+class EngineBenchSpec:
+    trace: str = "conv"
+    policies: tuple[str, ...] = ("vllm", "cacheopt")
+    rates: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
+    limit: int = 200  # requests per run, the first of the test split
+    length_divisor: float = 4.0
+    max_tokens: int = 256  # the client's cap, after the division
+    seed: int = 0
+    engine: EngineSetup = field(default_factory=EngineSetup)
+
+    def __post_init__(self) -> None:
+        known = set(POLICY_NAMES) | set(ABLATION_NAMES)
+        unknown = [p for p in self.policies if p not in known]
+        if unknown:
+            raise ValueError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(sorted(known))}")
+        if not self.policies or not self.rates:
+            raise ValueError("a benchmark needs at least one policy and one rate")
+        if any(not (r > 0 and math.isfinite(r)) for r in self.rates):
+            raise ValueError(f"rates must be positive req/s, got {list(self.rates)}")
+        if self.limit < 2:
+            raise ValueError(f"limit={self.limit} must be >= 2 (a rate needs two arrivals)")
+        if not self.length_divisor > 0:
+            raise ValueError(f"length_divisor={self.length_divisor} must be > 0")
+        if not 1 <= self.max_tokens < self.engine.max_model_len:
+            raise ValueError(f"max_tokens={self.max_tokens} must lie in [1, max_model_len={self.engine.max_model_len})")
+        if "oracle" in self.policies:
+            raise ValueError("the oracle needs true output lengths, which a real engine does not reveal")
+
+
+def workload(spec: EngineBenchSpec) -> tuple[list[TraceRequest], LengthQuantilePredictor, dict]:
+    """The replayed requests, the length predictor fitted on the training split (scaled
+    the same way), and the SLO classes."""
+    unit_s = get_latency_model(LATENCY_MODEL).iteration_time_s(1, 1, 256)
+    classes = scaled_slo_classes(unit_s)
+    train, test = split_train_test(load_azure_trace(spec.trace, seed=spec.seed, slo_classes=classes), seed=spec.seed)
+    context = spec.engine.max_model_len
+
+    def prepare(requests: Sequence[TraceRequest]) -> list[TraceRequest]:
+        scaled = scale_tokens(requests, spec.length_divisor, max_context=context)
+        return [dataclasses.replace(r, output_tokens=min(r.output_tokens, spec.max_tokens)) for r in scaled]
+
+    predictor = LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens, r.slo.name) for r in prepare(train))
+    return prepare(test[:spec.limit]), predictor, classes
+
+
+def settings_for(policy: str, predictor_path: Path, classes: dict, step_log: Path) -> EngineSettings:
+    return EngineSettings(policy=policy, predictor_path=str(predictor_path), latency_model=LATENCY_MODEL,
+                          slo_classes={n: (s.ttft_s, s.tbt_s) for n, s in classes.items()},
+                          default_slo="chat", step_log=str(step_log))
+
+
+def sim_setup(spec: EngineBenchSpec) -> SimSetup:
+    e = spec.engine
+    return SimSetup(latency_model=LATENCY_MODEL, kv_blocks=e.kv_blocks - 1, max_model_len=e.max_model_len,
+                    max_tokens=spec.max_tokens, can_swap=False,
+                    scheduler=SchedulerConfig(block_size=e.block_size, max_num_seqs=e.max_num_seqs,
+                                              max_num_batched_tokens=e.max_num_batched_tokens))
+
+
+def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
+                     on_progress: Callable[[str], None] | None = None,
+                     on_request: Callable[[], None] | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Engine rows and simulator rows (one per policy and rate), and the per-policy
+    schedule() timings {policy: [seconds per call]} at every rate."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace, predictor, classes = workload(spec)
+    predictor_path = (out_dir / "predictor.json").resolve()
+    predictor.save(predictor_path)
+    vocab = json.loads((spec.engine.model / "config.json").read_text())["vocab_size"]
+    engine_rows, sim_rows, schedule_s = [], [], {}
+    for policy in spec.policies:
+        step_log = (out_dir / f"steps-{policy}.jsonl").resolve()
+        step_log.unlink(missing_ok=True)
+        settings = settings_for(policy, predictor_path, classes, step_log)
+        scheduler_cls = NATIVE_CLS if policy == "vllm" else ADAPTER_CLS
+        if on_progress:
+            on_progress(f"starting the engine for {policy}")
+        schedule_s[policy] = []
+
+        async def run_policy() -> None:
+            engine = start_async_engine(spec.engine, scheduler_cls, settings)
+            try:
+                for rate in spec.rates:
+                    if on_progress:
+                        on_progress(f"{policy} @ {rate:g} req/s")
+                    requests = scale_to_rate(trace, rate)
+                    streams, start = await replay(engine, requests, max_tokens_cap=spec.max_tokens, vocab_size=vocab,
+                                                  on_finish=on_request)
+                    end = max((s.token_times[-1] for s in streams if s.token_times), default=start) + 1.0
+                    await asyncio.sleep(0.2)  # the engine flushes its step log when it goes idle
+                    steps = read_step_log(step_log, start, end)
+                    schedule_s[policy] += [row["schedule_s"] for row in steps]
+                    stats = run_stats(streams, steps, start, spec.engine.kv_blocks)
+                    engine_rows.append({"policy": policy, "rate_rps": rate, "repeat": 0,
+                                        **summarize(outcomes_of(streams, steps), stats),
+                                        "schedule_us_mean": 1e6 * _mean([r["schedule_s"] for r in steps])})
+            finally:
+                stop_engine(engine)
+
+        asyncio.run(run_policy())
+        gc.collect()
+        for rate in spec.rates:
+            result = simulate(scale_to_rate(trace, rate), policy, sim_setup(spec), predictor)
+            sim_rows.append({"policy": policy, "rate_rps": rate, "repeat": 0,
+                             **summarize(result.outcomes, result.stats)})
+    return engine_rows, sim_rows, schedule_s
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def fidelity_table(engine_rows: Sequence[dict], sim_rows: Sequence[dict]) -> tuple[str, float]:
+    """Markdown: simulated / measured for each latency statistic; and the share of cells
+    within 15%."""
+    sim = {(r["policy"], r["rate_rps"]): r for r in sim_rows}
+    header = ["policy", "rate"] + [f"{m} meas / sim" for m in FIDELITY_METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    within = total = 0
+    for row in engine_rows:
+        s = sim[(row["policy"], row["rate_rps"])]
+        cells = [row["policy"], f"{row['rate_rps']:g}"]
+        for m in FIDELITY_METRICS:
+            measured, simulated = row[m], s[m]
+            ratio = simulated / measured if measured > 0 else math.nan
+            total += 1
+            within += abs(ratio - 1) <= 0.15
+            cells.append(f"{measured * 1e3:.0f} / {simulated * 1e3:.0f} ms ({ratio:.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), within / total if total else math.nan
+
+
+def overhead_table(schedule_s: dict[str, list[float]]) -> str:
+    lines = ["| scheduler | schedule() calls | mean (µs) | p50 (µs) | p95 (µs) |", "|---|---|---|---|---|"]
+    for policy, values in schedule_s.items():
+        ordered = sorted(values)
+        if not ordered:
+            continue
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        lines.append(f"| {policy} | {len(values)} | {1e6 * _mean(values):.0f} | {1e6 * pick(0.5):.0f} | "
+                     f"{1e6 * pick(0.95):.0f} |")
+    return "\n".join(lines)

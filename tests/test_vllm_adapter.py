@@ -1,0 +1,244 @@
+"""The adapter inside a real vLLM engine (vllm-cpu, the local tiny model, random weights).
+
+Two engines for the whole module, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so
+that the tests can read the schedulers: vLLM's own scheduler (timed and logged only) and
+the CacheOPT adapter, whose policy the tests swap while it is idle. 40 KV blocks of 32
+tokens (39 usable) force KV pressure on a dozen requests of a few hundred tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from replicas.engine_settings import EngineSettings
+from replicas.request import Request
+from replicas.scheduler import build_scheduler
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
+KV_BLOCKS = 40
+BLOCK = 32
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
+              "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+
+
+def make_llm(scheduler_cls: str, settings: EngineSettings):
+    return vllm.LLM(model=str(MODEL), load_format="dummy", dtype="float32", max_model_len=1024, block_size=BLOCK,
+                    num_gpu_blocks_override=KV_BLOCKS, max_num_seqs=32, max_num_batched_tokens=512,
+                    enable_prefix_caching=False, scheduler_cls=scheduler_cls,
+                    additional_config=settings.as_additional_config())
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    if not (MODEL / "config.json").is_file():
+        pytest.fail(f"no local model at {MODEL}: scripts/setup.sh builds it")
+    saved = {k: os.environ.get(k) for k in ENGINE_ENV}
+    os.environ.update(ENGINE_ENV)
+    logs = tmp_path_factory.mktemp("steps")
+    native = make_llm("replicas.vllm_adapter.StepLogScheduler",
+                      EngineSettings(policy="vllm", step_log=str(logs / "native.jsonl")))
+    adapter = make_llm("replicas.vllm_adapter.CacheOptScheduler", EngineSettings(policy="vllm"))
+    yield {"native": native, "adapter": adapter, "logs": logs}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def configure(engines, name: str, **settings) -> object:
+    """The adapter engine's scheduler, idle, with fresh settings and its own step log."""
+    sched = scheduler_of(engines["adapter"])
+    log = engines["logs"] / f"{name}.jsonl"
+    log.unlink(missing_ok=True)
+    sched.reconfigure(EngineSettings(check_invariants=True, step_log=str(log), **settings))
+    return sched
+
+
+def read_log(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f]
+
+
+# Twelve requests, 100-320 prompt tokens and 40-95 output tokens: ~4,500 tokens of KV at
+# their peak against 1,248 slots.
+PROMPTS = [100 + 20 * i for i in range(12)]
+OUTPUTS = [40 + 5 * i for i in range(12)]
+
+
+def prompts(lengths=PROMPTS):
+    return [{"prompt_token_ids": [3 + (7 * i + j) % 4000 for j in range(n)]} for i, n in enumerate(lengths)]
+
+
+def params(outputs=OUTPUTS, extra=None):
+    return [vllm.SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False,
+                                extra_args=dict(extra(i) if extra else {})) for i, n in enumerate(outputs)]
+
+
+def decisions(rows: list[dict]) -> list[tuple[dict, list[str]]]:
+    """Per step: tokens scheduled per request and the preempted requests. Requests are
+    named by their order in the run: vLLM ids are `<counter>-<8 random chars>`, and each
+    LLM counts on from its earlier runs."""
+    ids = sorted({rid for r in rows for rid in r["scheduled"]}, key=lambda rid: int(rid.rsplit("-", 1)[0]))
+    name = {rid: i for i, rid in enumerate(ids)}
+    return [({name[k]: v for k, v in r["scheduled"].items()}, sorted(name[p] for p in r["preempted"]))
+            for r in rows]
+
+
+def test_both_schedulers_finish_every_request_under_kv_pressure(engines):
+    native_log = engines["logs"] / "native.jsonl"
+    for llm in (engines["native"], engines["adapter"]):
+        if llm is engines["adapter"]:
+            configure(engines, "pressure-cacheopt", policy="cacheopt")
+        outs = llm.generate(prompts(), params(extra=lambda i: {"cacheopt_slo": "batch",
+                                                               "cacheopt_max_tokens": 400}), use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == OUTPUTS
+    # The pressure was real: vLLM's own scheduler had to preempt.
+    assert sum(len(r["preempted"]) for r in read_log(native_log)) > 0
+    sched = scheduler_of(engines["adapter"])
+    assert sched.core.counters["admit"] >= 12
+    assert not sched.core.requests and sched.core.ledger.held_total == 0
+
+
+def test_ledger_and_vllm_agree_at_every_step(engines):
+    sched = configure(engines, "invariants", policy="cacheopt")
+    engines["adapter"].generate(prompts(), params(extra=lambda i: {"cacheopt_point_tokens": 8,
+                                                                   "cacheopt_bound_tokens": 16}), use_tqdm=False)
+    steps = read_log(engines["logs"] / "invariants.jsonl")
+    # Checked after every schedule() and every update_from_output(); a disagreement raises.
+    assert sched.num_invariant_checks == 2 * len(steps) > 0
+    # Bounds of 16 tokens under-predict every request: top-ups and preemptions did happen.
+    assert sched.core.counters["topup"] > 0
+    assert sum(len(r["preempted"]) for r in steps) > 0
+
+
+def test_adapter_with_the_vllm_policy_decides_exactly_as_vllm(engines):
+    """Parity with vLLM itself: the pure `vllm` policy, applied through the adapter, makes
+    vLLM's own decisions step for step. Tolerance: none. All requests are queued before
+    the first step and neither scheduler reads the clock, so both runs are deterministic."""
+    configure(engines, "parity-vllm", policy="vllm")
+    native_log = engines["logs"] / "native.jsonl"
+    before = len(read_log(native_log))
+    engines["native"].generate(prompts(), params(), use_tqdm=False)
+    engines["adapter"].generate(prompts(), params(), use_tqdm=False)
+    native = decisions(read_log(native_log)[before:])
+    adapted = decisions(read_log(engines["logs"] / "parity-vllm.jsonl"))
+    assert sum(len(p) for _, p in native) > 0  # the comparison covers preemptions
+    assert adapted == native
+
+
+def test_adapter_decides_as_the_simulator_does(engines):
+    """Parity with the simulator: the same policy objects on a pure ReplicaScheduler,
+    replayed with the adapter's own step times, make the same admissions, allocations and
+    preemptions. Tolerance: none. The only inputs that differ are clocks (microseconds);
+    the batch class's 15 s TTFT keeps the clock-reading rules (critical admission, late
+    demotion) out of play."""
+    settings = dict(policy="cacheopt", slo_classes={"batch": (15.0, 1.0)}, default_slo="batch")
+    sched = configure(engines, "parity-sim", **settings)
+    # Bounds of a quarter of the truth: every request tops up, and some are preempted.
+    forwarded = lambda i: {"cacheopt_point_tokens": OUTPUTS[i] // 4, "cacheopt_bound_tokens": OUTPUTS[i] // 4,  # noqa: E731
+                           "cacheopt_max_tokens": 400}
+    engine = engines["adapter"].llm_engine
+    for i, (prompt, param) in enumerate(zip(prompts(), params(extra=forwarded))):
+        engine.add_request(str(i), prompt, param)
+    mirrors = sorted(sched.core.requests.values(), key=lambda m: m.arrival_s)
+    true_outputs = {m.request_id: OUTPUTS[int(m.request_id.rsplit("-", 1)[0])] for m in mirrors}
+    copies = [Request(m.request_id, m.arrival_s, m.prompt_tokens, m.max_tokens, m.slo,
+                      forwarded_prediction=m.forwarded_prediction) for m in mirrors]
+    while engine.has_unfinished_requests():
+        engine.step()
+    rows = read_log(engines["logs"] / "parity-sim.jsonl")
+
+    pure = build_scheduler(EngineSettings(**settings).build_policy(), total_blocks=KV_BLOCKS - 1,
+                           config=sched.core_config(), can_swap=False)
+    for copy in copies:
+        pure.add_request(copy, copy.arrival_s)
+    replayed = []
+    for row in rows:
+        running_before = {r.request_id for r in pure.running}
+        plan = pure.schedule(row["t"])
+        replayed.append({"scheduled": {r.request_id: n for r, n in plan.scheduled.items()},
+                         "preempted": [v.request_id for v, _ in plan.preempted if v.request_id in running_before]})
+        pure.on_step_done(plan, row["done"], row["done"] - row["t"],
+                          is_finished=lambda r: r.num_output_tokens >= true_outputs[r.request_id])
+    assert decisions(replayed) == decisions(rows)
+    assert not pure.has_work
+    assert sum(len(r["preempted"]) for r in rows) > 0 and pure.counters["topup"] > 0
+
+
+def test_reserves_and_embeds_as_the_policy_decided(engines):
+    """A host reserves its whole predicted life; vLLM holds only what it computed; a guest
+    that the free pool cannot take is embedded in the host's idle reservation."""
+    sched = configure(engines, "embed", policy="cacheopt")
+    engine = engines["adapter"].llm_engine
+    ledger = sched.core.ledger
+    # Host: 32-token prompt predicted to write 900 tokens: 30 of the 39 blocks reserved.
+    engine.add_request("host", prompts([32])[0], params([200], extra=lambda i: {
+        "cacheopt_point_tokens": 900, "cacheopt_bound_tokens": 900, "cacheopt_max_tokens": 950})[0])
+    for _ in range(3):
+        engine.step()
+    (host_id,) = sched.core.requests
+    host = ledger.shares[host_id]
+    assert host.reserved == 30 and host.held == 2  # 32 prompt + 2 decoded tokens
+    assert len(sched.kv_cache_manager.get_block_ids(host_id)[0]) == 2
+    assert ledger.free == KV_BLOCKS - 1 - 30
+    # Guest: 64 + 288 tokens need 11 blocks; 9 are free, the host has 28 idle.
+    engine.add_request("guest", prompts([64])[0], params([20], extra=lambda i: {
+        "cacheopt_point_tokens": 288, "cacheopt_bound_tokens": 288, "cacheopt_max_tokens": 400})[0])
+    engine.step()
+    guest_id = next(rid for rid in sched.core.requests if rid != host_id)
+    assert sched.core.counters["embed"] == 1
+    assert ledger.shares[guest_id].host == host_id and ledger.shares[host_id].lent == 11
+    assert len(sched.kv_cache_manager.get_block_ids(guest_id)[0]) == ledger.shares[guest_id].held == 2
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert ledger.held_total == 0 and ledger.free == KV_BLOCKS - 1
+
+
+def test_abort_frees_blocks_and_reservation(engines):
+    sched = configure(engines, "abort", policy="cacheopt")
+    engine = engines["adapter"].llm_engine
+    pool = sched.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    for name in ("a", "b"):
+        engine.add_request(name, prompts([300])[0], params([200], extra=lambda i: {"cacheopt_max_tokens": 400})[0])
+    for _ in range(4):
+        engine.step()
+    ids = sorted(sched.core.requests)
+    assert all(ledger_share.held > 0 for ledger_share in sched.core.ledger.shares.values())
+
+    # "a" is aborted by the client between steps (vLLM calls finish_requests at once).
+    engine.abort_request(["a"])
+    assert ids[0] not in sched.core.ledger.shares and ids[0] not in sched.requests
+
+    # "b" is aborted while its step runs: queued after schedule(), processed by vLLM
+    # between the model and update_from_output, as a disconnect during a step would be.
+    core = engine.engine_core.engine_core
+    schedule = sched.schedule
+
+    def schedule_then_abort(*args):
+        out = schedule(*args)
+        core.aborts_queue.put_nowait([ids[1]])
+        return out
+
+    sched.schedule = schedule_then_abort
+    try:
+        engine.step()
+    finally:
+        del sched.schedule  # back to the class method
+    engine.abort_request(["b"])  # the frontend's half
+    assert not sched.core.requests and not sched.core.ledger.shares
+    assert pool.get_num_free_blocks() == free_before
+    assert sched.core.ledger.free + sched.core.ledger.reserve_free == KV_BLOCKS - 1
+    assert sched.core.counters["abort"] == 2
