@@ -78,7 +78,7 @@ class EngineSetup:
                     max_model_len=self.max_model_len, block_size=self.block_size,
                     num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=False,
-                    enable_chunked_prefill=True, scheduler_cls=scheduler_cls,
+                    enable_chunked_prefill=True, async_scheduling=False, scheduler_cls=scheduler_cls,
                     additional_config=settings.as_additional_config(), disable_log_stats=True)
 
 

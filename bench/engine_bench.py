@@ -46,6 +46,7 @@ class EngineBenchSpec:
     length_divisor: float = 4.0
     max_tokens: int = 256  # the client's cap, after the division
     seed: int = 0
+    repeats: int = 1  # the same requests again: the spread is the engine's own noise
     engine: EngineSetup = field(default_factory=EngineSetup)
 
     def __post_init__(self) -> None:
@@ -57,6 +58,8 @@ class EngineBenchSpec:
             raise ValueError("a benchmark needs at least one policy and one rate")
         if any(not (r > 0 and math.isfinite(r)) for r in self.rates):
             raise ValueError(f"rates must be positive req/s, got {list(self.rates)}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats} must be >= 1")
         if self.limit < 2:
             raise ValueError(f"limit={self.limit} must be >= 2 (a rate needs two arrivals)")
         if not self.length_divisor > 0:
@@ -120,9 +123,9 @@ def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
         async def run_policy() -> None:
             engine = start_async_engine(spec.engine, scheduler_cls, settings)
             try:
-                for rate in spec.rates:
+                for repeat, rate in ((k, r) for k in range(spec.repeats) for r in spec.rates):
                     if on_progress:
-                        on_progress(f"{policy} @ {rate:g} req/s")
+                        on_progress(f"{policy} @ {rate:g} req/s" + (f" (repeat {repeat})" if spec.repeats > 1 else ""))
                     requests = scale_to_rate(trace, rate)
                     streams, start = await replay(engine, requests, max_tokens_cap=spec.max_tokens, vocab_size=vocab,
                                                   on_finish=on_request)
@@ -131,7 +134,7 @@ def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
                     steps = read_step_log(step_log, start, end)
                     schedule_s[policy] += [row["schedule_s"] for row in steps]
                     stats = run_stats(streams, steps, start, spec.engine.kv_blocks)
-                    engine_rows.append({"policy": policy, "rate_rps": rate, "repeat": 0,
+                    engine_rows.append({"policy": policy, "rate_rps": rate, "repeat": repeat,
                                         **summarize(outcomes_of(streams, steps), stats),
                                         "schedule_us_mean": 1e6 * _mean([r["schedule_s"] for r in steps])})
             finally:
@@ -151,17 +154,19 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def fidelity_table(engine_rows: Sequence[dict], sim_rows: Sequence[dict]) -> tuple[str, float]:
-    """Markdown: simulated / measured for each latency statistic; and the share of cells
-    within 15%."""
+    """Markdown: measured (mean over repeats) against simulated for each latency
+    statistic, with simulated / measured; and the share of cells within 15%."""
     sim = {(r["policy"], r["rate_rps"]): r for r in sim_rows}
+    measured_runs: dict[tuple, list[dict]] = {}
+    for row in engine_rows:
+        measured_runs.setdefault((row["policy"], row["rate_rps"]), []).append(row)
     header = ["policy", "rate"] + [f"{m} meas / sim" for m in FIDELITY_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     within = total = 0
-    for row in engine_rows:
-        s = sim[(row["policy"], row["rate_rps"])]
-        cells = [row["policy"], f"{row['rate_rps']:g}"]
+    for (policy, rate), runs in measured_runs.items():
+        cells = [policy, f"{rate:g}"]
         for m in FIDELITY_METRICS:
-            measured, simulated = row[m], s[m]
+            measured, simulated = _mean([r[m] for r in runs]), sim[(policy, rate)][m]
             ratio = simulated / measured if measured > 0 else math.nan
             total += 1
             within += abs(ratio - 1) <= 0.15

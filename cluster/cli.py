@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, default=2048)
     evaluate.add_argument("--data-dir", type=Path, default=None)
 
+    table = predictor_sub.add_parser(
+        "table", help="fit the length-only quantile table the serving replicas load",
+        description="Fit output-length quantiles per prompt bucket and SLO class on the training split (20%, "
+                    "seed 0) of an Azure trace, lengths divided by --length-divisor, and write the JSON table the "
+                    "vLLM adapter loads (predictor_path). The cluster's default is predictor/data/length-conv.json.")
+    table.add_argument("--trace", default="conv", choices=["conv", "code"])
+    table.add_argument("--length-divisor", type=float, default=1.0)
+    table.add_argument("--out", type=Path, default=Path("predictor/data/length-conv.json"))
+
     model = sub.add_parser("model", help="build the local model that vLLM runs without downloads")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     build = model_sub.add_parser(
@@ -151,12 +160,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "except oracle")
     bench.add_argument("--rates", type=_floats, default="4,8,12,16", help="arrival rates in req/s")
     bench.add_argument("--limit", type=int, default=200, help="requests per run (default 200)")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="replay the same requests this many times per rate (the spread is engine noise)")
     bench.add_argument("--length-divisor", type=float, default=4.0,
                        help="divide the trace's prompt and output lengths by this (default 4: the tiny model)")
     bench.add_argument("--max-tokens", type=int, default=256, help="the client's output cap after the division")
     _engine_arguments(bench)
     bench.add_argument("--out", type=Path, default=None, help="report directory (default reports/bench-vllm-<trace>)")
     bench.add_argument("--no-progress", action="store_true")
+
+    serve = sub.add_parser(
+        "serve", help="run the serving cluster (OpenAI API on http://127.0.0.1:8000/v1)",
+        description="Start a local Ray (or join --ray-address), deploy the ingress, the replicas and the global "
+                    "scheduler, and serve the OpenAI API until Ctrl-C. With no arguments: two CPU vLLM replicas of "
+                    "the local model (random weights), no Redis.")
+    serve.add_argument("--config", type=Path, default=None, help="cluster YAML (deploy/serve-config.yaml shows all keys)")
+    serve.add_argument("--replicas", type=int, default=None)
+    serve.add_argument("--engine", choices=["vllm", "sim"], default=None,
+                       help="vllm: real vLLM engines; sim: the simulated engine (no model compute)")
+    serve.add_argument("--policy", default=None, help="scheduling policy inside each engine (default cacheopt)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--redis-url", default=None, help="coordinate reserve leases through Redis at this URL")
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
 
     calibrate = sub.add_parser(
         "calibrate", help="fit the simulator's latency model to the real CPU engine",
@@ -247,6 +273,15 @@ def cmd_predictor(args: argparse.Namespace) -> int:
     from predictor import training
     from predictor.alpaca import DATA_DIR
 
+    if args.predictor_command == "table":
+        from bench.traces import load_azure_trace, scale_tokens, split_train_test
+        from predictor.length_quantile import LengthQuantilePredictor
+
+        train_part, _ = split_train_test(load_azure_trace(args.trace), 0.2, seed=0)
+        scaled = scale_tokens(train_part, args.length_divisor)
+        LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens, r.slo.name) for r in scaled).save(args.out)
+        print(f"length table: {args.out} ({len(scaled)} training requests of the {args.trace} trace)")
+        return 0
     data_dir = args.data_dir or DATA_DIR
     if args.predictor_command == "train":
         summary = training.train(args.out, data_dir=data_dir, seed=args.seed)
@@ -291,9 +326,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bench.report import write_report
 
     spec = EngineBenchSpec(trace=args.trace, policies=args.policies, rates=args.rates, limit=args.limit,
-                           length_divisor=args.length_divisor, max_tokens=args.max_tokens, engine=_engine_setup(args))
+                           length_divisor=args.length_divisor, max_tokens=args.max_tokens, repeats=args.repeats,
+                           engine=_engine_setup(args))
     out = args.out or Path("reports") / f"bench-vllm-{args.trace}"
-    total = len(spec.policies) * len(spec.rates) * spec.limit
+    total = len(spec.policies) * len(spec.rates) * spec.repeats * spec.limit
     with tqdm(total=total, unit="req", disable=args.no_progress) as bar:
         engine_rows, sim_rows, schedule_s = run_engine_bench(spec, out, on_progress=bar.set_description,
                                                              on_request=bar.update)
@@ -315,6 +351,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.serve import serve_forever
+
+    config = load_config(args.config, replicas=args.replicas, host=args.host, port=args.port,
+                         redis_url=args.redis_url, ray_address=args.ray_address,
+                         engine={"kind": args.engine}, policy={"name": args.policy})
+    serve_forever(config)
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench.calibrate import run_calibration
 
@@ -332,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"sim": cmd_sim, "predictor": cmd_predictor, "model": cmd_model, "speed": cmd_speed,
-                    "calibrate": cmd_calibrate, "bench": cmd_bench}
+                    "calibrate": cmd_calibrate, "bench": cmd_bench, "serve": cmd_serve}
         return commands[args.command](args)
     except ValueError as error:
         print(f"cacheopt {args.command}: error: {error}", file=sys.stderr)

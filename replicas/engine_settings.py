@@ -28,6 +28,7 @@ XARG_MAX_TOKENS = "cacheopt_max_tokens"  # the cap the policy plans with (defaul
 XARG_CONFIDENCE = "cacheopt_confidence"  # p, as last published by the global scheduler
 XARG_POINT = "cacheopt_point_tokens"  # a prediction made upstream (e.g. from the prompt text) ...
 XARG_BOUND = "cacheopt_bound_tokens"  # ... and its bound U_p; both or neither
+XARG_RESERVE = "cacheopt_reserve_blocks"  # the replica's global-reserve lease, from the global scheduler
 
 # bench/slo.py's classes (an H100's 10 ms unit); benchmarks pass classes scaled to their engine.
 DEFAULT_SLO_CLASSES = {"realtime": (1.0, 0.1), "chat": (3.0, 0.2), "batch": (15.0, 1.0)}
@@ -44,6 +45,7 @@ class EngineSettings:
     cacheopt: dict = field(default_factory=dict)  # CacheOptConfig overrides
     check_invariants: bool = False  # compare the ledger with vLLM's block pool every step
     step_log: str | None = None  # JSON-lines file: one row per step (shape, timing, decisions)
+    snapshot_path: str | None = None  # JSON file the adapter keeps a fresh KVSnapshot in (the router reads it)
 
     def __post_init__(self) -> None:
         if self.default_slo not in self.slo_classes:
@@ -126,6 +128,7 @@ class RequestHints:
     max_tokens: int
     confidence: float | None = None
     forwarded_prediction: tuple[int, int] | None = None
+    reserve_blocks: int | None = None
 
     @classmethod
     def parse(cls, extra_args: dict | None, settings: EngineSettings, *, max_tokens: int) -> tuple[RequestHints, list[str]]:
@@ -156,4 +159,16 @@ class RequestHints:
             else:
                 problems.append(f"{XARG_POINT}={point!r} and {XARG_BOUND}={bound!r} must be integers with "
                                 "1 <= point <= bound")
-        return cls(slo, cap, None if confidence is None else float(confidence), forwarded), problems
+        reserve = extra.get(XARG_RESERVE)
+        if reserve is not None and not (isinstance(reserve, int) and not isinstance(reserve, bool) and reserve >= 0):
+            problems.append(f"{XARG_RESERVE}={reserve!r} must be an integer >= 0")
+            reserve = None
+        return cls(slo, cap, None if confidence is None else float(confidence), forwarded, reserve), problems
+
+
+def apply_control(core, hints: RequestHints) -> None:
+    """The global scheduler's knobs that a request carries: p and the reserve lease."""
+    if hints.confidence is not None and hasattr(core.policy, "set_confidence"):
+        core.policy.set_confidence(hints.confidence)
+    if hints.reserve_blocks is not None:
+        core.ledger.set_reserve_target(min(hints.reserve_blocks, core.ledger.total_blocks - 1))

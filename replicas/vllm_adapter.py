@@ -29,6 +29,7 @@ and logs each step like the adapter does, for side-by-side benchmarks.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -41,11 +42,13 @@ from vllm.v1.request import Request as VllmRequest
 from vllm.v1.request import RequestStatus
 
 from replicas.config import SchedulerConfig
-from replicas.engine_settings import EngineSettings, RequestHints
+from replicas.engine_settings import EngineSettings, RequestHints, apply_control
 from replicas.request import Request
 from replicas.scheduler import RECOMPUTE, StepPlan, build_scheduler
+from replicas.snapshot import take_snapshot
 
 logger = init_logger(__name__)
+SNAPSHOT_PERIOD_S = 0.02
 
 
 class AdapterError(RuntimeError):
@@ -135,6 +138,7 @@ class CacheOptScheduler(_Timed, Scheduler):
         self._check_supported()
         self._plan: StepPlan | None = None
         self._plan_started_s = 0.0
+        self._snapshot_s = 0.0
         self._configure(_settings_of(self.vllm_config))
 
     def _configure(self, settings: EngineSettings) -> None:
@@ -194,8 +198,7 @@ class CacheOptScheduler(_Timed, Scheduler):
         if problems:
             logger.warning("request %s: ignoring bad CacheOPT hints: %s", request.request_id, "; ".join(problems))
         super().add_request(request)
-        if hints.confidence is not None and hasattr(self.core.policy, "set_confidence"):
-            self.core.policy.set_confidence(hints.confidence)
+        apply_control(self.core, hints)
         mirror = Request(request_id=request.request_id, arrival_s=request.arrival_time,
                          prompt_tokens=request.num_prompt_tokens,
                          max_tokens=max(1, min(hints.max_tokens, self.max_model_len - request.num_prompt_tokens)),
@@ -341,7 +344,21 @@ class CacheOptScheduler(_Timed, Scheduler):
         if self.settings.check_invariants:
             self.check_books(after_schedule=False)
         self._close_step_row()
+        self._publish_snapshot()
         return outputs
+
+    def _publish_snapshot(self) -> None:
+        """Atomically replace the snapshot file, at most every SNAPSHOT_PERIOD_S, and at
+        once when the engine goes idle (so the router never sees a stale busy state)."""
+        path = self.settings.snapshot_path
+        now = time.time()
+        if path is None or (now - self._snapshot_s < SNAPSHOT_PERIOD_S and self.requests):
+            return
+        self._snapshot_s = now
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(take_snapshot(self.core, now).to_dict(), f)
+        os.replace(tmp, path)
 
     # --- the two books ----------------------------------------------------------------------
 

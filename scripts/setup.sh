@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# Redis (Debian's package) for the cluster's coordination and its tests; the embedded
+# default cluster runs without it.
+if ! command -v redis-server > /dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server > /dev/null
+  else
+    echo "scripts/setup.sh: redis-server is missing; install it with: sudo apt-get install -y redis-server" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

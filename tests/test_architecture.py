@@ -15,3 +15,18 @@ def test_policy_core_imports_nothing_heavy():
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "", f"policy core pulled in: {loaded}"
+
+
+def test_only_the_adapter_and_the_engine_clients_import_vllm():
+    """The scheduler seam lives in one module (replicas/vllm_adapter.py). The two places
+    that drive an engine, the benchmark (bench/engine.py) and a serving replica
+    (cluster/runtime.py), use vLLM's client API, lazily. Nothing else may."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"^\s*(from vllm[\s.]|import vllm\b)", re.MULTILINE)
+    importers = sorted(str(p.relative_to(root)) for folder in ("replicas", "predictor", "global_scheduler", "bench",
+                                                                "cluster")
+                       for p in (root / folder).rglob("*.py") if pattern.search(p.read_text()))
+    assert importers == ["bench/engine.py", "cluster/runtime.py", "replicas/vllm_adapter.py"]

@@ -1,0 +1,113 @@
+"""Prometheus text exposition of the ingress: vLLM's metric names where they overlap,
+`cacheopt_*` for CacheOPT's own. Written by hand (the format is four lines of grammar) so
+that each ingress replica reports exactly what it saw and what the replicas last published.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from replicas.snapshot import KVSnapshot
+
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+# Snapshot counter -> (metric, help, labels)
+CACHEOPT_COUNTERS = {
+    "admit": ("cacheopt_reservations_total", "requests admitted with a reservation of their own", {}),
+    "embed": ("cacheopt_embeddings_total", "requests embedded in another request's idle reservation", {}),
+    "critical_admit": ("cacheopt_critical_admissions_total", "requests admitted as critical (minimum allocation)", {}),
+    "topup": ("cacheopt_topups_total", "reservations topped up ahead of running out", {}),
+    "reserve_draw_blocks": ("cacheopt_reserve_draw_blocks_total", "blocks drawn from the global reserve", {}),
+    "preempt_recompute": ("cacheopt_preemptions_total", "preemptions by mode", {"mode": "recompute"}),
+    "preempt_swap": ("cacheopt_preemptions_total", "preemptions by mode", {"mode": "swap"}),
+}
+
+
+class ClusterMetrics:
+    def __init__(self, num_replicas: int):
+        self.num_replicas = num_replicas
+        self.requests = 0
+        self.finished = 0
+        self.failed = 0
+        self.rejected = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)
+        self.ttft_sum = 0.0
+        self.snapshots: list[KVSnapshot | None] = [None] * num_replicas
+        self.confidence = float("nan")
+        self.arrival_rate = 0.0
+
+    def on_request(self, prompt_tokens: int) -> None:
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS_S, ttft_s)] += 1
+        self.ttft_sum += ttft_s
+
+    def on_finish(self, progress) -> None:
+        self.finished += 1
+        self.generation_tokens += progress.tokens
+
+    def set_snapshots(self, snapshots: Sequence[KVSnapshot | None]) -> None:
+        self.snapshots = list(snapshots)
+
+    def set_control(self, confidence: float, arrival_rate: float) -> None:
+        self.confidence, self.arrival_rate = confidence, arrival_rate
+
+    def render(self) -> str:
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                out.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+
+        metric("vllm:request_success_total", "counter", "requests that finished", [({}, self.finished)])
+        metric("vllm:prompt_tokens_total", "counter", "prompt tokens received", [({}, self.prompt_tokens)])
+        metric("vllm:generation_tokens_total", "counter", "tokens generated", [({}, self.generation_tokens)])
+        metric("cacheopt_requests_failed_total", "counter", "requests a replica failed", [({}, self.failed)])
+        metric("cacheopt_requests_rejected_total", "counter", "requests refused with 429", [({}, self.rejected)])
+        cumulative, buckets = 0, []
+        for edge, count in zip(TTFT_BUCKETS_S, self.ttft_counts):
+            cumulative += count
+            buckets.append(({"le": f"{edge}"}, cumulative))
+        buckets.append(({"le": "+Inf"}, cumulative + self.ttft_counts[-1]))
+        out.append("# HELP vllm:time_to_first_token_seconds time to first token, seen at the ingress")
+        out.append("# TYPE vllm:time_to_first_token_seconds histogram")
+        for labels, value in buckets:
+            out.append(f'vllm:time_to_first_token_seconds_bucket{{le="{labels["le"]}"}} {value}')
+        out.append(f"vllm:time_to_first_token_seconds_sum {self.ttft_sum}")
+        out.append(f"vllm:time_to_first_token_seconds_count {cumulative + self.ttft_counts[-1]}")
+
+        live = [(i, s) for i, s in enumerate(self.snapshots) if s is not None]
+        metric("vllm:num_requests_running", "gauge", "requests running, per replica",
+               [({"replica": str(i)}, s.num_running) for i, s in live])
+        metric("vllm:num_requests_waiting", "gauge", "requests waiting, per replica",
+               [({"replica": str(i)}, s.num_waiting) for i, s in live])
+        metric("vllm:kv_cache_usage_perc", "gauge", "share of KV blocks holding data, per replica",
+               [({"replica": str(i)}, round(1 - (s.free_blocks + s.reserve_free_blocks + s.idle_blocks)
+                                         / s.total_blocks, 6)) for i, s in live])
+        metric("cacheopt_kv_reserved_idle_blocks", "gauge", "blocks promised to running requests but unwritten",
+               [({"replica": str(i)}, s.idle_blocks) for i, s in live])
+        metric("cacheopt_kv_headroom_blocks", "gauge", "free plus idle blocks less the queue's needs",
+               [({"replica": str(i)}, s.headroom_blocks) for i, s in live])
+        metric("cacheopt_reserve_free_blocks", "gauge", "global-reserve blocks free, per replica",
+               [({"replica": str(i)}, s.reserve_free_blocks) for i, s in live])
+        metric("cacheopt_reserve_lease_blocks", "gauge", "global-reserve lease, per replica",
+               [({"replica": str(i)}, s.reserve_target_blocks) for i, s in live])
+        by_name: dict[str, list] = {}
+        helps = {}
+        for key, (name, help_, labels) in CACHEOPT_COUNTERS.items():
+            helps[name] = help_
+            for i, s in live:
+                by_name.setdefault(name, []).append(({"replica": str(i), **labels}, s.counters.get(key, 0)))
+        for name, samples in by_name.items():
+            metric(name, "counter", helps[name], samples)
+        metric("cacheopt_confidence_p", "gauge", "confidence p the global scheduler set", [({}, self.confidence)])
+        metric("cacheopt_arrival_rate_rps", "gauge", "cluster arrival rate the global scheduler estimates",
+               [({}, self.arrival_rate)])
+        return "\n".join(out) + "\n"

@@ -1,0 +1,69 @@
+"""`cacheopt serve`: start (or join) Ray, deploy the application, serve until interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from cluster.config import ClusterConfig
+
+APP_NAME = "cacheopt"
+
+
+def start_ray(config: ClusterConfig) -> None:
+    import ray
+
+    # Keep a local Ray on loopback; never on Redis's port 6379 (ray.init picks free ports).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        return
+    if config.ray_address:
+        ray.init(address=config.ray_address, namespace="cacheopt", log_to_driver=False)
+    else:
+        ray.init(namespace="cacheopt", include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+
+
+def deploy(config: ClusterConfig) -> str:
+    """Deploy the application and wait until it answers; returns its base URL."""
+    from ray import serve
+
+    from cluster.app import build_app
+
+    start_ray(config)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app({"config_dict": config.model_dump()}), name=APP_NAME, route_prefix="/",
+              blocking=False)
+    return f"http://{config.host}:{config.port}"
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    from cluster.app import GLOBAL_SCHEDULER, NAMESPACE
+
+    try:
+        serve.shutdown()
+        ray.kill(ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE))
+    except Exception:  # noqa: BLE001 (already gone)
+        pass
+    ray.shutdown()
+
+
+def serve_forever(config: ClusterConfig) -> None:
+    url = deploy(config)
+    engine = "simulated engine" if config.engine.kind == "sim" else f"vLLM on {config.engine.model}"
+    print(f"CacheOPT serving {config.engine.served_model_name} at {url}/v1 ({config.replicas} replicas, {engine}, "
+          f"policy {config.policy.name}); Ctrl-C stops.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.is_set():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()

@@ -1,0 +1,53 @@
+"""OpenTelemetry: one trace per request, from the ingress into the replica.
+
+The SDK is configured from the standard environment (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+`OTEL_SERVICE_NAME`, `OTEL_TRACES_EXPORTER`, ...) when an endpoint is set; otherwise spans
+are created but go nowhere. The context crosses the Ray call as a W3C `traceparent`
+mapping. Attribute names follow vLLM's `gen_ai.*` where they exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+
+_configured = False
+
+
+def configure_from_environment() -> None:
+    """Install an OTLP exporter once per process when the environment asks for one."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME",
+                                                                                        "cacheopt")}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def get_tracer(name: str):
+    configure_from_environment()
+    return trace.get_tracer(name)
+
+
+def inject_context(span) -> dict:
+    carrier: dict = {}
+    inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+@contextlib.contextmanager
+def span_from_context(tracer, name: str, carrier: dict, attributes: dict):
+    with tracer.start_as_current_span(name, context=extract(carrier or {}), attributes=attributes) as span:
+        yield span

@@ -1,0 +1,112 @@
+"""The cluster's pure parts: configuration, request parsing, routing, reserve split, metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from cluster.metrics import ClusterMetrics
+from cluster.openai_api import ApiError, ChatRequest, CompletionRequest, parse_body
+from cluster.router import choose_replica
+from global_scheduler.reserve import rebalance_reserve
+from replicas.snapshot import KVSnapshot
+
+
+def snap(free=10, idle=0, need=0, reserve=0, total=100, taken=100.0, counters=None) -> KVSnapshot:
+    return KVSnapshot(taken_s=taken, total_blocks=total, free_blocks=free, reserve_free_blocks=reserve,
+                      reserve_target_blocks=reserve, idle_blocks=idle, queued_need_blocks=need, num_running=1,
+                      num_waiting=0, counters=counters or {})
+
+
+def test_default_config_is_the_embedded_cluster():
+    config = load_config()
+    assert (config.replicas, config.host, config.port, config.redis_url) == (2, "127.0.0.1", 8000, None)
+    assert config.engine.kind == "vllm" and config.policy.name == "cacheopt"
+
+
+def test_yaml_and_overrides_merge_and_errors_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("replicas: 3\nengine:\n  kind: sim\n  kv_blocks: 300\n")
+    config = load_config(path, port=9000, engine={"max_num_seqs": 8})
+    assert (config.replicas, config.port, config.engine.kind, config.engine.kv_blocks, config.engine.max_num_seqs) \
+        == (3, 9000, "sim", 300, 8)
+    for text, message in [("replicas: 0\n", "replicas"), ("engine:\n  kind: tpu\n", "engine.kind"),
+                          ("policy:\n  name: fifo\n", "unknown policy"), ("colour: blue\n", "colour"),
+                          ("engine:\n  kv_blocks: 10\n", "cannot hold one request"), ("[1, 2]\n", "mapping"),
+                          ("replicas: [\n", "not valid YAML")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("raw, model_cls, status, param", [
+    (b"{not json", CompletionRequest, 400, None),
+    (b"[1, 2]", CompletionRequest, 400, None),
+    (b'{"model": "m"}', CompletionRequest, 400, "prompt"),
+    (b'{"model": "m", "prompt": "hi", "max_tokens": 0}', CompletionRequest, 400, "max_tokens"),
+    (b'{"model": "m", "prompt": "hi", "max_tokens": "ten"}', CompletionRequest, 400, "max_tokens"),
+    (b'{"model": "m", "prompt": "hi", "n": 2}', CompletionRequest, 400, "n"),
+    (b'{"model": "m", "messages": []}', ChatRequest, 400, "messages"),
+    (b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}', ChatRequest, 400, "messages.0.role"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
+     ChatRequest, 400, "response_format"),
+])
+def test_bad_requests_get_openai_errors(raw, model_cls, status, param):
+    with pytest.raises(ApiError) as caught:
+        parse_body(raw, model_cls)
+    assert caught.value.status == status and caught.value.param == param
+    body = caught.value.body()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    json.dumps(body)
+
+
+def test_good_requests_parse():
+    request = parse_body(b'{"model": "m", "prompt": "hi", "stream": true, "slo": "realtime", "temperature": 0}',
+                         CompletionRequest)
+    assert request.stream and request.slo == "realtime" and request.max_tokens == 16
+
+
+def test_router_prefers_headroom_and_falls_back_to_two_choices():
+    rng = random.Random(0)
+    snapshots = [snap(free=5), snap(free=40), snap(free=30, idle=20)]
+    assert choose_replica(snapshots, [0, 0, 0], [0, 0, 0], 100.5, rng) == (2, "kv")
+    # Requests sent since the snapshots count against their replica.
+    assert choose_replica(snapshots, [0, 0, 3], [0, 0, 25], 100.5, rng) == (1, "kv")
+    # The queue's needs count against headroom.
+    assert choose_replica([snap(free=50, need=45), snap(free=20)], [0, 0], [0, 0], 100.5, rng) == (1, "kv")
+    # A stale or missing snapshot: power of two choices on requests in flight.
+    stale = [snap(free=5), snap(free=40, taken=0.0), snap(free=1)]
+    picks = {choose_replica(stale, [9, 9, 0], [0, 0, 0], 100.5, rng) for _ in range(50)}
+    assert all(how == "p2c" for _, how in picks) and (2, "p2c") in picks and (0, "p2c") in picks
+    assert choose_replica([None, snap()], [5, 0], [0, 0], 100.5, rng)[1] == "p2c"
+
+
+def test_reserve_follows_pressure_within_budget_and_caps():
+    leases = rebalance_reserve(30, {"a": snap(free=0, need=50), "b": snap(free=80), "c": snap(free=80)})
+    assert sum(leases.values()) == 30 and leases["a"] > leases["b"] >= 0
+    assert rebalance_reserve(30, {"a": snap(), "b": snap()}) == {"a": 15, "b": 15}
+    capped = rebalance_reserve(500, {"a": snap(total=100), "b": snap(total=100)})
+    assert capped == {"a": 50, "b": 50}
+    assert rebalance_reserve(10, {}) == {}
+    with pytest.raises(ValueError):
+        rebalance_reserve(-1, {"a": snap()})
+
+
+def test_metrics_use_vllm_names_and_cacheopt_counters():
+    metrics = ClusterMetrics(2)
+    metrics.on_request(12)
+    metrics.on_first_token(0.03)
+    metrics.set_snapshots([snap(counters={"admit": 3, "embed": 1, "preempt_recompute": 2}), None])
+    metrics.set_control(0.65, 12.5)
+    text = metrics.render()
+    for line in ("vllm:prompt_tokens_total 12", 'vllm:time_to_first_token_seconds_bucket{le="0.05"} 1',
+                 'cacheopt_reservations_total{replica="0"} 3', 'cacheopt_embeddings_total{replica="0"} 1',
+                 'cacheopt_preemptions_total{replica="0",mode="recompute"} 2', "cacheopt_confidence_p 0.65",
+                 "cacheopt_arrival_rate_rps 12.5", 'vllm:num_requests_running{replica="0"} 1'):
+        assert line in text, line
+    assert 'replica="1"' not in text  # no snapshot, no made-up numbers
