@@ -136,6 +136,8 @@ class Replica:
                     self.lease = lease
             except StoreUnavailable:
                 pass  # keep serving with the last lease; publish again when Redis is back
+            except Exception:  # noqa: BLE001 (publishing must never stop; say why it failed)
+                log.exception("replica %d: publishing the KV snapshot failed", self.index)
             await asyncio.sleep(REPLICA_PUBLISH_S)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, extra_args: dict,
@@ -155,13 +157,28 @@ class Replica:
                 yield ids
             span.set_attribute("gen_ai.usage.output_tokens", count)
 
-    def snapshot(self) -> dict | None:
+    async def snapshot(self) -> dict | None:
         self._ensure_publisher()
         snap = self.runtime.snapshot()
         return None if snap is None else snap.to_dict()
 
     async def __del__(self):
         await self.runtime.shutdown()
+
+
+class _Progress:
+    __slots__ = ("arrival", "index", "span", "rid", "prompt", "tokens", "first_s", "closed")
+
+    def __init__(self, arrival: float, index: int, span, rid: str, prompt: int):
+        self.arrival, self.index, self.span, self.rid, self.prompt = arrival, index, span, rid, prompt
+        self.tokens, self.first_s, self.closed = 0, None, False
+
+    def on_tokens(self, count: int, metrics: ClusterMetrics) -> None:
+        if self.first_s is None:
+            self.first_s = time.time()
+            self.span.add_event("first_token")
+            metrics.on_first_token(self.first_s - self.arrival)
+        self.tokens += count
 
 
 # --- the ingress ---------------------------------------------------------------------------
@@ -385,21 +402,6 @@ class Ingress:
         self.metrics.on_finish(state)
 
 
-class _Progress:
-    __slots__ = ("arrival", "index", "span", "rid", "prompt", "tokens", "first_s", "closed")
-
-    def __init__(self, arrival: float, index: int, span, rid: str, prompt: int):
-        self.arrival, self.index, self.span, self.rid, self.prompt = arrival, index, span, rid, prompt
-        self.tokens, self.first_s, self.closed = 0, None, False
-
-    def on_tokens(self, count: int, metrics: ClusterMetrics) -> None:
-        if self.first_s is None:
-            self.first_s = time.time()
-            self.span.add_event("first_token")
-            metrics.on_first_token(self.first_s - self.arrival)
-        self.tokens += count
-
-
 def build_app(args: dict | None = None):
     """`serve run cluster.app:build_app [config=path.yaml]`; `cacheopt serve` passes the
     validated config as a mapping."""
@@ -409,5 +411,9 @@ def build_app(args: dict | None = None):
     config = (ClusterConfig.model_validate(args["config_dict"]) if "config_dict" in args
               else load_config(args.get("config")))
     data = config.model_dump()
-    replicas = [Replica.options(name=f"replica-{i}").bind(data, i) for i in range(config.replicas)]
-    return Ingress.bind(data, *replicas)
+    # The engine's own processes are outside Ray's accounting; a replica asks Ray only for
+    # its GPU (none on CPU machines), so that two replicas fit a 2-core machine.
+    replicas = [Replica.options(name=f"replica-{i}",
+                                ray_actor_options={"num_cpus": 0, "num_gpus": config.engine.num_gpus}).bind(data, i)
+                for i in range(config.replicas)]
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(data, *replicas)

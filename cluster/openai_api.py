@@ -60,6 +60,9 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def parse_body(raw: bytes, model_cls: type[_Request]) -> _Request:
     try:
         data = json.loads(raw)
@@ -71,7 +74,8 @@ def parse_body(raw: bytes, model_cls: type[_Request]) -> _Request:
         request = model_cls.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
+        # Union members show up in the location (`prompt.str`): keep field names and indices.
+        param = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
         raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
     if request.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")

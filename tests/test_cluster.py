@@ -1,0 +1,324 @@
+"""The serving cluster on a real local Ray, through the real `openai` client.
+
+One cluster for the module: two replicas on the simulated engine (the real-engine path,
+without Redis, is tests/test_cluster_vllm.py), HTTP on a free port, a redis-server of its
+own on a free port (killed and restarted by the fault tests), and an OTLP/HTTP receiver in
+this process that the ingress's and replicas' span exporters send to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+
+from cluster.config import load_config  # noqa: E402
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SpanSink:
+    """A minimal OTLP/HTTP trace receiver: keeps every span it is sent."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        spans = self.spans = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        spans.extend(scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class RedisServer:
+    def __init__(self):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.serve import shutdown
+
+    sink = SpanSink()
+    redis_server = RedisServer()
+    port = free_port()
+    config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url,
+                         engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024})
+    ray.init(namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.url}/v1/traces",
+                                       "OTEL_BSP_SCHEDULE_DELAY": "100"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config_dict": config.model_dump()}), name="cacheopt", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    yield {"base": base, "client": openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0),
+           "sink": sink, "config": config, "redis": redis_server}
+    shutdown()
+    sink.server.shutdown()
+    redis_server.kill()
+
+
+def replica_snapshot(index: int) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(f"replica-{index}", app_name="cacheopt").snapshot.remote().result()
+
+
+def test_non_streaming_completion_has_text_and_usage(cluster):
+    out = cluster["client"].completions.create(model=MODEL, prompt="Tell me about KV caches.", max_tokens=12,
+                                               extra_body={"slo": "realtime"})
+    assert out.object == "text_completion" and isinstance(out.choices[0].text, str)
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens > 0
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_streaming_chat_completion_streams_every_token(cluster):
+    stream = cluster["client"].chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=9, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 9
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_models_health_and_metrics(cluster):
+    models = cluster["client"].models.list().data
+    assert [m.id for m in models] == [MODEL]
+    body = httpx.get(f"{cluster['base']}/v1/models").json()
+    assert "random weights" in body["data"][0]["description"]
+    assert httpx.get(f"{cluster['base']}/health").json()["status"] == "ok"
+    cluster["client"].completions.create(model=MODEL, prompt="warm", max_tokens=2)
+    # Snapshots reach the ingress within a poll or two, p within an exchange (0.5 s).
+    def metrics_with_both_replicas():
+        text = httpx.get(f"{cluster['base']}/metrics").text
+        return text if 'cacheopt_reservations_total{replica="1"}' in text else None
+
+    text = wait_for(metrics_with_both_replicas, timeout_s=5)
+    assert text, httpx.get(f"{cluster['base']}/metrics").text
+    for name in ("vllm:request_success_total", "vllm:time_to_first_token_seconds_bucket", "vllm:num_requests_running",
+                 "cacheopt_reservations_total", "cacheopt_confidence_p", "cacheopt_arrival_rate_rps",
+                 "vllm:kv_cache_usage_perc"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b'{"model": "tiny-llama", "prompt": 5}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-llama", "prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-llama", "prompt": "x", "max_tokens": 5000}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "gpt-9", "prompt": "x"}', 404, "model"),
+    ("/v1/chat/completions", b'{"model": "tiny-llama", "messages": "hi"}', 400, "messages"),
+    ("/v1/completions", b'{"model": "tiny-llama", "prompt": "x", "slo": "gold"}', 400, "slo"),
+])
+def test_bad_input_gets_an_openai_error_and_the_server_stays_up(cluster, path, body, status, param):
+    response = httpx.post(cluster["base"] + path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and "Traceback" not in response.text
+    assert httpx.get(f"{cluster['base']}/health").status_code == 200
+
+
+def test_overload_gets_429_with_retry_after(cluster):
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"model": MODEL, "prompt": "x " * 50, "max_tokens": 200}
+            return await asyncio.gather(*(client.post(f"{cluster['base']}/v1/completions", json=body)
+                                          for _ in range(30)))
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 12 and 429 in codes  # 2 replicas x 6 queued, the rest refused
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "server_overloaded"
+
+
+def test_a_client_that_disconnects_frees_its_kv(cluster):
+    with httpx.stream("POST", f"{cluster['base']}/v1/completions",
+                      json={"model": MODEL, "prompt": "long " * 100, "max_tokens": 900, "stream": True}) as r:
+        index = int(r.headers["x-cacheopt-replica"])
+        next(r.iter_lines())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        snap = replica_snapshot(index)
+        if snap["num_running"] == 0 and snap["num_waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert snap["num_running"] == 0 and snap["counters"].get("abort", 0) >= 1
+    assert snap["free_blocks"] + snap["reserve_free_blocks"] == snap["total_blocks"]
+
+
+def test_routing_prefers_the_replica_with_headroom(cluster):
+    from ray import serve
+
+    # Fill replica 0 behind the ingress's back, then wait for a snapshot to show it.
+    handle = serve.get_deployment_handle("replica-0", app_name="cacheopt").options(stream=True)
+    hog = handle.generate.remote("hog", list(range(3, 900)), 120, {"cacheopt_slo": "batch"}, {})
+    deadline = time.time() + 5
+    while replica_snapshot(0)["num_running"] == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    routed = [cluster["client"].completions.with_raw_response.create(model=MODEL, prompt="small", max_tokens=2)
+              .headers["x-cacheopt-replica"] for _ in range(3)]
+    hog.cancel()
+    assert routed == ["1", "1", "1"]
+
+
+def test_confidence_from_the_global_scheduler_reaches_the_replicas(cluster):
+    from cluster.app import GLOBAL_SCHEDULER, NAMESPACE
+
+    actor = ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE)
+    for _ in range(3):
+        cluster["client"].completions.create(model=MODEL, prompt="p", max_tokens=2)
+        time.sleep(0.6)
+    p = ray.get(actor.observe.remote([], {}))["confidence"]
+    assert p != cluster["config"].policy.confidence  # a low rate maps to p_max, not the 0.7 default
+    cluster["client"].completions.create(model=MODEL, prompt="p", max_tokens=2)
+    cluster["client"].completions.create(model=MODEL, prompt="p", max_tokens=2)
+    assert {replica_snapshot(i)["confidence"] for i in (0, 1)} == {p}
+
+
+def test_serving_goes_on_when_the_global_scheduler_dies(cluster):
+    from cluster.app import GLOBAL_SCHEDULER, NAMESPACE
+
+    actor = ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE)
+    started = ray.get(actor.observe.remote([], {}))["started_s"]
+    ray.kill(actor, no_restart=False)
+    for _ in range(4):
+        out = cluster["client"].completions.create(model=MODEL, prompt="still here", max_tokens=3)
+        assert out.usage.completion_tokens == 3
+        time.sleep(0.3)
+    restarted = ray.get(ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE).observe.remote([], {}))
+    assert restarted["started_s"] > started
+
+
+def test_each_request_is_one_connected_trace(cluster):
+    sink = cluster["sink"]
+    sink.spans.clear()
+    for _ in range(2):
+        cluster["client"].completions.create(model=MODEL, prompt="trace me", max_tokens=3)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        ingress = [s for s in sink.spans if s.name == "cacheopt.request"]
+        replica = [s for s in sink.spans if s.name == "cacheopt.replica.generate"]
+        if len(ingress) >= 2 and len(replica) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(ingress) == 2 and len(replica) == 2
+    for root in ingress:
+        children = [s for s in replica if s.trace_id == root.trace_id]
+        assert len(children) == 1 and children[0].parent_span_id == root.span_id
+        assert {e.name for e in root.events} >= {"first_token", "finished"}
+        assert "first_token" in {e.name for e in children[0].events}
+        attributes = {a.key for a in root.attributes}
+        assert {"gen_ai.request.id", "gen_ai.request.max_tokens", "gen_ai.usage.input_tokens",
+                "gen_ai.usage.output_tokens", "cacheopt.slo", "cacheopt.replica"} <= attributes
+    assert json.dumps([s.name for s in sink.spans])
+
+
+def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.1):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step_s)
+    return predicate()
+
+
+def test_snapshots_and_leases_live_in_redis(cluster):
+    cluster["client"].completions.create(model=MODEL, prompt="hello", max_tokens=2)
+    client = cluster["redis"].client()
+    assert wait_for(lambda: client.get("cacheopt:snapshot:0") and client.get("cacheopt:snapshot:1"))
+    assert wait_for(lambda: client.get("cacheopt:lease:0") is not None and client.get("cacheopt:lease:1") is not None)
+    assert 0 < client.pttl("cacheopt:lease:0") <= 10_000
+
+
+def test_redis_dies_mid_load_nothing_is_lost_and_leases_reconcile(cluster):
+    redis_server = cluster["redis"]
+
+    async def load():
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one(i):
+                await asyncio.sleep(i * 0.1)
+                return await client.post(f"{cluster['base']}/v1/completions",
+                                         json={"model": MODEL, "prompt": f"request {i}", "max_tokens": 20})
+
+            async def killer():
+                await asyncio.sleep(0.8)
+                redis_server.kill()
+            results = await asyncio.gather(*(one(i) for i in range(30)), killer())
+            return results[:-1]
+
+    responses = asyncio.run(load())
+    assert [r.status_code for r in responses] == [200] * 30
+    assert all(r.json()["usage"]["completion_tokens"] == 20 for r in responses)
+    # The router fell back to asking the replicas; serving went on without Redis.
+    redis_server.start()  # empty: no persistence
+    client = redis_server.client()
+    cluster["client"].completions.create(model=MODEL, prompt="back", max_tokens=2)
+    assert wait_for(lambda: client.get("cacheopt:lease:0") is not None and client.get("cacheopt:lease:1") is not None
+                    and client.get("cacheopt:snapshot:0") is not None)
+    assert int(client.get("cacheopt:lease_epoch")) > 0
