@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: the simulator benchmark of CacheOPT against the baselines
-# (until the serving cluster lands, this is the project's main job). Extra arguments go
-# to `cacheopt sim`.
+# Set up, then run the main job: the serving cluster on its embedded default (a local Ray,
+# two CPU vLLM replicas of the local model with CacheOPT inside each engine, no Redis), the
+# OpenAI API on http://127.0.0.1:8000/v1 until Ctrl-C. Extra arguments go to `cacheopt serve`.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
-exec .venv/bin/cacheopt sim "$@"
+exec .venv/bin/cacheopt serve "$@"

