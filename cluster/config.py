@@ -72,6 +72,9 @@ class ClusterConfig(_Strict):
     ray_address: str | None = None  # None: start a local Ray
     redis_url: str | None = None  # None: the in-process reserve store
     max_queued_requests: int = Field(256, ge=1)  # per replica; beyond it: 429 with Retry-After
+    # kv: by the replicas' KV snapshots (p2c when they are stale); p2c: power of two choices
+    # on requests in flight, like Ray Serve's default router (for comparisons).
+    router: Literal["kv", "p2c"] = "kv"
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
 

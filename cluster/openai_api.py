@@ -40,6 +40,7 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     slo: str | None = None  # CacheOPT: the request's SLO class
+    ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens whatever the model says
     vllm_xargs: dict[str, Any] | None = None
 
 

@@ -56,7 +56,8 @@ class SimRuntime:
         self._loop_task: asyncio.Task | None = None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
-                       extra_args: dict) -> AsyncIterator[list[int]]:
+                       extra_args: dict, sampling: dict | None = None) -> AsyncIterator[list[int]]:
+        """`sampling` is ignored: the simulated engine always writes `max_tokens` tokens."""
         hints, _ = RequestHints.parse(extra_args, self.settings, max_tokens=max_tokens)
         apply_control(self.core, hints)
         prompt = len(prompt_token_ids)
@@ -124,7 +125,7 @@ class VllmRuntime:
         self.settings = engine_settings(config, snapshot_path=str(self._snapshot_path))
         setup = EngineSetup(model=Path(e.model), block_size=e.block_size, kv_blocks=e.kv_blocks,
                             max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
-                            max_num_batched_tokens=e.max_num_batched_tokens)
+                            max_num_batched_tokens=e.max_num_batched_tokens, random_weights=e.random_weights)
         self.engine = start_async_engine(setup, ADAPTER_CLS, self.settings)
         self.max_model_len = e.max_model_len
         # The engine core runs in a child process; make sure it goes when this process does.
@@ -132,13 +133,13 @@ class VllmRuntime:
         atexit.register(self._kill_engine_processes)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
-                       extra_args: dict) -> AsyncIterator[list[int]]:
+                       extra_args: dict, sampling: dict | None = None) -> AsyncIterator[list[int]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(max_tokens=max_tokens, detokenize=False, output_kind=RequestOutputKind.DELTA,
-                                extra_args=extra_args)
+                                extra_args=extra_args, **(sampling or {}))
         # Cancelling this generator (a client that left) makes vLLM abort the request.
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params,
                                               request_id=request_id):

@@ -322,3 +322,38 @@ def test_redis_dies_mid_load_nothing_is_lost_and_leases_reconcile(cluster):
     assert wait_for(lambda: client.get("cacheopt:lease:0") is not None and client.get("cacheopt:lease:1") is not None
                     and client.get("cacheopt:snapshot:0") is not None)
     assert int(client.get("cacheopt:lease_epoch")) > 0
+
+
+def test_a_killed_replica_fails_its_requests_cleanly_and_serving_goes_on(cluster):
+    from ray.util import list_named_actors
+
+    with httpx.stream("POST", f"{cluster['base']}/v1/completions",
+                      json={"model": MODEL, "prompt": "doomed " * 20, "max_tokens": 900, "stream": True},
+                      timeout=60) as response:
+        index = response.headers["x-cacheopt-replica"]
+        lines = response.iter_lines()
+        next(lines)
+        (name,) = [a["name"] for a in list_named_actors(all_namespaces=True)
+                   if f"#replica-{index}#" in a["name"]]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+        rest = [line for line in lines if line.startswith("data: ")]
+    # The stream ends with an OpenAI error event, not a hang and not a half-finished success.
+    assert rest and json.loads(rest[-1][6:])["error"]["type"] == "server_error"
+    # Serve replaces the replica; requests succeed again.
+    assert wait_for(lambda: httpx.post(f"{cluster['base']}/v1/completions",
+                                       json={"model": MODEL, "prompt": "after", "max_tokens": 3},
+                                       timeout=30).status_code == 200, timeout_s=60, step_s=1.0)
+
+
+def test_older_lease_epochs_are_refused_and_leases_expire(cluster):
+    from cluster.store import RedisStore
+
+    store = RedisStore(cluster["redis"].url)
+    epoch = store.epoch()
+    assert store.set_leases(epoch + 100, {"x": 7}) == epoch + 100
+    assert store.set_leases(epoch + 50, {"x": 1}) == epoch + 100  # a stale scheduler loses
+    assert store.lease("x") == 7
+    client = cluster["redis"].client()
+    assert 0 < client.pttl("cacheopt:lease:x") <= 10_000
+    client.pexpire("cacheopt:lease:x", 1)
+    assert wait_for(lambda: store.lease("x") is None, timeout_s=2)

@@ -1,0 +1,105 @@
+"""`cacheopt bench --target URL`: replay a real trace against any OpenAI-compatible server.
+
+Each request is a streaming `/v1/completions` call whose prompt is the trace's number of
+token ids and whose output is forced to the trace's length (`ignore_eos`, vLLM's
+extension, which our ingress honours too), sent at its arrival time. It carries its SLO
+class as `slo` (our ingress) and in `vllm_xargs` (our adapter behind a plain vLLM server);
+servers that know neither ignore them. Latencies are what a streaming client sees: TTFT
+at the first content chunk, gaps between chunks (a chunk carrying k tokens contributes one
+gap and k - 1 zero gaps, as vLLM's own benchmark counts them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from bench.engine import prompt_token_ids
+from bench.metrics import RequestOutcome, RunStats
+from bench.traces import TraceRequest
+
+
+@dataclass
+class HttpStream:
+    request: TraceRequest
+    arrival_s: float
+    token_times: list[float] = field(default_factory=list)
+    finished: bool = False
+    status: int = 0
+    error: str | None = None
+    replica: str | None = None
+
+
+async def replay_http(base_url: str, model: str, trace: Sequence[TraceRequest], *, vocab_size: int,
+                      timeout_s: float = 600.0, on_finish: Callable[[], None] | None = None) -> list[HttpStream]:
+    import httpx
+
+    start = time.time() + 0.1
+    t0 = trace[0].arrival_s if trace else 0.0
+    streams = [HttpStream(r, start + (r.arrival_s - t0)) for r in trace]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+        async def one(index: int, stream: HttpStream) -> None:
+            await asyncio.sleep(max(0.0, stream.arrival_s - time.time()))
+            r = stream.request
+            body = {"model": model, "prompt": prompt_token_ids(index, r.prompt_tokens, vocab_size),
+                    "max_tokens": r.output_tokens, "ignore_eos": True, "stream": True, "temperature": 0,
+                    "stream_options": {"include_usage": True}, "slo": r.slo.name,
+                    "vllm_xargs": {"cacheopt_slo": r.slo.name}}
+            try:
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    stream.status = response.status_code
+                    stream.replica = response.headers.get("x-cacheopt-replica")
+                    if response.status_code != 200:
+                        stream.error = (await response.aread()).decode(errors="replace")[:300]
+                        return
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        now = time.time()
+                        data = json.loads(line[6:])
+                        if "error" in data:
+                            stream.error = data["error"].get("message", "error")
+                            return
+                        for choice in data.get("choices") or []:
+                            if choice.get("text"):
+                                stream.token_times.append(now)
+                            if choice.get("finish_reason"):
+                                stream.finished = True
+                        usage = data.get("usage")
+                        if usage and stream.token_times:
+                            # Chunks can carry several tokens: pad with zero gaps to the true count.
+                            missing = usage["completion_tokens"] - len(stream.token_times)
+                            stream.token_times += [stream.token_times[-1]] * max(0, missing)
+            except httpx.HTTPError as error:
+                stream.error = f"{type(error).__name__}: {error}"
+            finally:
+                if on_finish:
+                    on_finish()
+
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(streams)))
+    return streams
+
+
+def outcomes_of_http(streams: Sequence[HttpStream]) -> list[RequestOutcome]:
+    out = []
+    for s in streams:
+        times = s.token_times
+        out.append(RequestOutcome(
+            request_id=s.request.request_id, slo=s.request.slo, arrival_s=s.arrival_s,
+            prompt_tokens=s.request.prompt_tokens, output_tokens=len(times), true_output_tokens=s.request.output_tokens,
+            first_token_s=times[0] if times else None, finish_s=times[-1] if s.finished and times else None,
+            token_gaps_s=[b - a for a, b in zip(times, times[1:])], num_preemptions=0, num_recomputed_tokens=0,
+            bound_tokens=0))
+    return out
+
+
+def http_run_stats(streams: Sequence[HttpStream]) -> RunStats:
+    start = min((s.arrival_s for s in streams), default=0.0)
+    end = max((s.token_times[-1] for s in streams if s.token_times), default=start)
+    errors = sum(1 for s in streams if s.error)
+    return RunStats(duration_s=end - start, preemptions_by_mode={"recompute": 0, "swap": 0}, kv_utilization_mean=0.0,
+                    counters={"errors": errors, "http_429": sum(1 for s in streams if s.status == 429)})
