@@ -31,12 +31,12 @@ from cluster.openai_api import (ApiError, ChatRequest, CompletionRequest, Prompt
                                 completion_chunk, new_id, parse_body, usage_chunk)
 from cluster.router import choose_replica
 from cluster.store import RedisStore, StoreUnavailable
-from cluster.tracing import get_tracer, inject_context, span_from_context
 from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
 from global_scheduler.reserve import rebalance_reserve
-from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_RESERVE, XARG_SLO
+from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_RESERVE, XARG_SLO, XARG_TRACEPARENT
 from replicas.scheduler import blocks_for
 from replicas.snapshot import KVSnapshot
+from replicas.tracing import get_tracer, inject_context, span_from_context
 
 log = logging.getLogger("cacheopt.cluster")
 GLOBAL_SCHEDULER = "cacheopt-global-scheduler"
@@ -94,9 +94,6 @@ class GlobalScheduler:
         except StoreUnavailable:
             self.leases_in_store = False
 
-    def ping(self) -> bool:
-        return True
-
 
 def global_scheduler_handle(config: ClusterConfig):
     p = config.policy
@@ -115,8 +112,8 @@ class Replica:
 
         self.config = ClusterConfig.model_validate(config)
         self.index = index
+        self.tracer = get_tracer("cacheopt.replica")  # first: the engine process inherits the OTLP settings
         self.runtime = make_runtime(self.config)
-        self.tracer = get_tracer("cacheopt.replica")
         self.store = RedisStore(self.config.redis_url) if self.config.redis_url else None
         self.lease: int | None = None  # the last lease read from Redis, kept while it is away
         self._publisher: asyncio.Task | None = None
@@ -149,6 +146,9 @@ class Replica:
             self._ensure_publisher()
             if self.lease is not None:
                 extra_args = {**extra_args, XARG_RESERVE: self.lease}  # Redis is fresher than the ingress
+            traceparent = inject_context(span).get("traceparent")
+            if traceparent:
+                extra_args = {**extra_args, XARG_TRACEPARENT: traceparent}  # the engine's span joins this trace
             count = 0
             async for ids in self.runtime.generate(request_id, prompt_token_ids, max_tokens, extra_args,
                                                    sampling or {}):

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local Ray (or join --ray-address), deploy the ingress, the replicas and the global "
                     "scheduler, and serve the OpenAI API until Ctrl-C. With no arguments: two CPU vLLM replicas of "
                     "the local model (random weights), no Redis.")
-    serve.add_argument("--config", type=Path, default=None, help="cluster YAML (deploy/serve-config.yaml shows all keys)")
+    serve.add_argument("--config", type=Path, default=None, help="cluster YAML: any key of cluster/config.py (as under config_dict in deploy/serve-config.yaml)")
     serve.add_argument("--replicas", type=int, default=None)
     serve.add_argument("--engine", choices=["vllm", "sim"], default=None,
                        help="vllm: real vLLM engines; sim: the simulated engine (no model compute)")

@@ -29,6 +29,7 @@ XARG_CONFIDENCE = "cacheopt_confidence"  # p, as last published by the global sc
 XARG_POINT = "cacheopt_point_tokens"  # a prediction made upstream (e.g. from the prompt text) ...
 XARG_BOUND = "cacheopt_bound_tokens"  # ... and its bound U_p; both or neither
 XARG_RESERVE = "cacheopt_reserve_blocks"  # the replica's global-reserve lease, from the global scheduler
+XARG_TRACEPARENT = "cacheopt_traceparent"  # W3C trace context: the engine's span joins the request's trace
 
 # bench/slo.py's classes (an H100's 10 ms unit); benchmarks pass classes scaled to their engine.
 DEFAULT_SLO_CLASSES = {"realtime": (1.0, 0.1), "chat": (3.0, 0.2), "batch": (15.0, 1.0)}
@@ -129,6 +130,7 @@ class RequestHints:
     confidence: float | None = None
     forwarded_prediction: tuple[int, int] | None = None
     reserve_blocks: int | None = None
+    traceparent: str | None = None
 
     @classmethod
     def parse(cls, extra_args: dict | None, settings: EngineSettings, *, max_tokens: int) -> tuple[RequestHints, list[str]]:
@@ -163,7 +165,12 @@ class RequestHints:
         if reserve is not None and not (isinstance(reserve, int) and not isinstance(reserve, bool) and reserve >= 0):
             problems.append(f"{XARG_RESERVE}={reserve!r} must be an integer >= 0")
             reserve = None
-        return cls(slo, cap, None if confidence is None else float(confidence), forwarded, reserve), problems
+        traceparent = extra.get(XARG_TRACEPARENT)
+        if traceparent is not None and not isinstance(traceparent, str):
+            problems.append(f"{XARG_TRACEPARENT} must be a string")
+            traceparent = None
+        return cls(slo, cap, None if confidence is None else float(confidence), forwarded, reserve,
+                   traceparent), problems
 
 
 def apply_control(core, hints: RequestHints) -> None:

@@ -130,6 +130,54 @@ class StepLogScheduler(_Timed, Scheduler):
         super().shutdown()
 
 
+class _EngineTrace:
+    """One span per traced request inside the engine, child of the replica's span, with an
+    event for each decision the policy made about it. Free when no request is traced."""
+
+    def __init__(self):
+        self.spans: dict[str, Any] = {}
+        self._tracer = None
+
+    def start(self, mirror: Request, traceparent: str) -> None:
+        from replicas.tracing import get_tracer, start_span_from_traceparent
+
+        self._tracer = self._tracer or get_tracer("cacheopt.engine")
+        self.spans[mirror.request_id] = start_span_from_traceparent(
+            self._tracer, "cacheopt.engine", traceparent,
+            {"gen_ai.request.id": mirror.request_id, "gen_ai.usage.input_tokens": mirror.prompt_tokens,
+             "cacheopt.slo": mirror.slo.name, "cacheopt.bound_tokens": mirror.bound_output_tokens,
+             "cacheopt.predicted_tokens": mirror.predicted_output_tokens})
+        self.spans[mirror.request_id].add_event("queued")
+
+    def on_plan(self, plan: StepPlan, admitted: list[str], ledger) -> None:
+        for rid in admitted:
+            span = self.spans.get(rid)
+            if span is not None:
+                share = ledger.shares[rid]
+                span.add_event("admitted", {"cacheopt.reserved_blocks": share.reserved,
+                                            "cacheopt.embedded_in": share.host or ""})
+        for victim, mode in plan.preempted:
+            span = self.spans.get(victim.request_id)
+            if span is not None:
+                span.add_event("preempted", {"cacheopt.mode": mode})
+
+    def on_step_done(self, plan: StepPlan, finished: list[Request]) -> None:
+        for mirror in plan.scheduled:
+            span = self.spans.get(mirror.request_id)
+            if span is not None and mirror.num_output_tokens == 1 and mirror.last_token_s == mirror.first_token_s:
+                span.add_event("first_token")
+        for mirror in finished:
+            self.end(mirror.request_id, "finished", mirror.num_output_tokens)
+
+    def end(self, rid: str, how: str, output_tokens: int | None = None) -> None:
+        span = self.spans.pop(rid, None)
+        if span is not None:
+            if output_tokens is not None:
+                span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
+            span.add_event(how)
+            span.end()
+
+
 class CacheOptScheduler(_Timed, Scheduler):
     """vLLM's scheduler whose admission, allocation and preemption the pure core decides."""
 
@@ -139,6 +187,7 @@ class CacheOptScheduler(_Timed, Scheduler):
         self._plan: StepPlan | None = None
         self._plan_started_s = 0.0
         self._snapshot_s = 0.0
+        self._trace = _EngineTrace()
         self._configure(_settings_of(self.vllm_config))
 
     def _configure(self, settings: EngineSettings) -> None:
@@ -204,6 +253,8 @@ class CacheOptScheduler(_Timed, Scheduler):
                          max_tokens=max(1, min(hints.max_tokens, self.max_model_len - request.num_prompt_tokens)),
                          slo=hints.slo, forwarded_prediction=hints.forwarded_prediction)
         self.core.add_request(mirror, time.time())
+        if hints.traceparent:
+            self._trace.start(mirror, hints.traceparent)
 
     def finish_requests(self, request_ids, finished_status: RequestStatus) -> list[VllmRequest]:
         finished = super().finish_requests(request_ids, finished_status)
@@ -214,6 +265,7 @@ class CacheOptScheduler(_Timed, Scheduler):
                 # output, so the pure step must not advance (or release) it either.
                 self._plan.scheduled.pop(mirror, None)
             self.core.abort(request.request_id)
+            self._trace.end(request.request_id, "aborted")
         return finished
 
     # --- one step ---------------------------------------------------------------------------
@@ -274,6 +326,8 @@ class CacheOptScheduler(_Timed, Scheduler):
                     self._inflight_prefills.add(request)
             num_scheduled_tokens[rid] = n
 
+        if self._trace.spans:
+            self._trace.on_plan(plan, admitted=[r.request_id for r in new_reqs + resumed_reqs], ledger=self.core.ledger)
         order = {m.request_id: i for i, m in enumerate(self.core.running)}
         self.running.sort(key=lambda r: order[r.request_id])
         self._plan, self._plan_started_s = plan, started
@@ -339,8 +393,10 @@ class CacheOptScheduler(_Timed, Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if plan is not None:
             end = time.time()
-            self.core.on_step_done(plan, end, end - self._plan_started_s,
-                                   is_finished=lambda m: by_mirror[m].is_finished())
+            finished = self.core.on_step_done(plan, end, end - self._plan_started_s,
+                                              is_finished=lambda m: by_mirror[m].is_finished())
+            if self._trace.spans:
+                self._trace.on_step_done(plan, finished)
         if self.settings.check_invariants:
             self.check_books(after_schedule=False)
         self._close_step_row()

