@@ -328,3 +328,23 @@ def test_older_lease_epochs_are_refused_and_leases_expire(cluster):
     assert 0 < client.pttl("cacheopt:lease:x") <= 10_000
     client.pexpire("cacheopt:lease:x", 1)
     assert wait_for(lambda: store.lease("x") is None, timeout_s=2)
+
+
+def test_zz_a_replica_that_is_gone_loses_its_lease(cluster):
+    """Last in the module: scales the application in to one replica. The global scheduler
+    stops renewing the departed replica's lease, and Redis expires it."""
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.store import LEASE_TTL_S
+
+    client = cluster["redis"].client()
+    assert wait_for(lambda: client.get("cacheopt:lease:1") is not None)
+    smaller = cluster["config"].model_copy(update={"replicas": 1})
+    serve.run(build_app({"config_dict": smaller.model_dump()}), name="cacheopt", route_prefix="/")
+
+    def lease_1_gone():
+        cluster["client"].completions.create(model=MODEL, prompt="keep going", max_tokens=2)
+        return client.get("cacheopt:lease:1") is None
+    assert wait_for(lease_1_gone, timeout_s=LEASE_TTL_S + 10, step_s=0.5)
+    assert client.get("cacheopt:lease:0") is not None
