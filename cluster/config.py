@@ -36,7 +36,7 @@ class EngineConfig(_Strict):
     max_num_batched_tokens: int = Field(512, ge=1)
     kv_cache_space_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE
     num_gpus: float = Field(0.0, ge=0)  # per replica, asked of Ray (1 on GPU nodes)
-    sim_latency_model: str = "tiny-llama-cpu"  # the simulated engine's step times
+    latency_model: str = "tiny-llama-cpu"  # the policy's cost model and the simulated engine's step times (replicas.latency)
 
     @model_validator(mode="after")
     def _fits(self) -> EngineConfig:

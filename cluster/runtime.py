@@ -36,7 +36,7 @@ DEFAULT_PREDICTOR = Path(__file__).resolve().parents[1] / "predictor" / "data" /
 def engine_settings(config: ClusterConfig, *, snapshot_path: str | None = None) -> EngineSettings:
     predictor = config.policy.predictor_path or (str(DEFAULT_PREDICTOR) if DEFAULT_PREDICTOR.is_file() else None)
     return EngineSettings(policy=config.policy.name, predictor_path=predictor,
-                          latency_model=config.engine.sim_latency_model, default_slo=config.policy.default_slo,
+                          latency_model=config.engine.latency_model, default_slo=config.policy.default_slo,
                           cacheopt={"confidence": config.policy.confidence}, snapshot_path=snapshot_path)
 
 
@@ -44,8 +44,8 @@ class SimRuntime:
     def __init__(self, config: ClusterConfig):
         e = config.engine
         self.settings = engine_settings(config)
-        self.latency = get_latency_model(e.sim_latency_model)
-        self.core = build_scheduler(self.settings.build_policy(), total_blocks=(e.kv_blocks or 4096) - 1,
+        self.latency = get_latency_model(e.latency_model)
+        self.core = build_scheduler(self.settings.build_policy(), total_blocks=(e.kv_blocks or 4096) - 1,  # None means "sized from memory": a GPU-sized pool
                                     config=SchedulerConfig(block_size=e.block_size, max_num_seqs=e.max_num_seqs,
                                                            max_num_batched_tokens=e.max_num_batched_tokens),
                                     can_swap=False)

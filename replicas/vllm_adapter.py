@@ -65,6 +65,10 @@ class StepLog:
     def __init__(self, path: str | None):
         self._file = open(path, "a", buffering=1 << 16) if path else None  # noqa: SIM115 (lives with the engine)
 
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None
+
     def write(self, row: dict, *, flush: bool) -> None:
         if self._file is None:
             return
@@ -86,7 +90,7 @@ class _Timed:
         self._step_row: dict | None = None
 
     def _open_step_row(self, out: SchedulerOutput, started: float, schedule_s: float) -> None:
-        if self._step_log._file is None:
+        if not self._step_log.enabled:
             return
         num_context = 0
         for rid, n in out.num_scheduled_tokens.items():
