@@ -308,7 +308,7 @@ class Ingress:
                                     f"{e.served_model_name!r}", param="model", code="model_not_found")
             ids = self.renderer.chat_ids(body) if kind == "chat" else self.renderer.completion_ids(body)
             max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
-                          or e.max_model_len - len(ids))
+                          or max(1, e.max_model_len - len(ids)))
             if len(ids) + max_tokens > e.max_model_len:
                 raise ApiError(400, f"This model's maximum context length is {e.max_model_len} tokens. However, you "
                                     f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "

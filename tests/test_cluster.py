@@ -144,6 +144,8 @@ def test_models_health_and_metrics(cluster):
     ("/v1/completions", b'{"model": "gpt-9", "prompt": "x"}', 404, "model"),
     ("/v1/chat/completions", b'{"model": "tiny-llama", "messages": "hi"}', 400, "messages"),
     ("/v1/completions", b'{"model": "tiny-llama", "prompt": "x", "slo": "gold"}', 400, "slo"),
+    ("/v1/chat/completions", json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "word " * 3000}]})
+     .encode(), 400, "max_tokens"),
 ])
 def test_bad_input_gets_an_openai_error_and_the_server_stays_up(cluster, path, body, status, param):
     response = httpx.post(cluster["base"] + path, content=body, headers={"Content-Type": "application/json"})
