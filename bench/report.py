@@ -235,7 +235,7 @@ def summary_markdown(rows: Sequence[Mapping], *, baseline: str, title: str, extr
         "between the last passing and the first failing swept rate (>=: it passed the highest "
         "rate swept, so the true value may be higher).",
         _msr_table(rows, policies, baseline, slo_threshold, num_repeats > 1),
-        f"Knee (the baseline's maximum sustainable rate rounded up to a swept rate): "
+        "Knee (the baseline's maximum sustainable rate rounded up to a swept rate): "
         + (f"**{knee:g} req/s**." if knee is not None else "n/a."),
     ]
     for rate in rates:
