@@ -66,6 +66,8 @@ class EngineBenchSpec:
             raise ValueError(f"length_divisor={self.length_divisor} must be > 0")
         if not 1 <= self.max_tokens < self.engine.max_model_len:
             raise ValueError(f"max_tokens={self.max_tokens} must lie in [1, max_model_len={self.engine.max_model_len})")
+        if self.engine.kv_blocks is None:
+            raise ValueError("the benchmark forces KV pressure: give the engine a kv_blocks count")
         if "oracle" in self.policies:
             raise ValueError("the oracle needs true output lengths, which a real engine does not reveal")
 
