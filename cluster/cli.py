@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from replicas.latency import LATENCY_MODELS
     from replicas.policies import POLICY_NAMES
 
-    parser = argparse.ArgumentParser(prog="cacheopt", description="CacheOPT serving: simulator and benchmarks.")
+    parser = argparse.ArgumentParser(prog="cacheopt", description="CacheOPT: the serving cluster, the simulator and the benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("sim", help="sweep arrival rates over policies on the simulated engine",
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--out", type=Path, default=Path("reports/speed.md"))
 
     bench = sub.add_parser(
-        "bench", help="replay a real trace on real vLLM engines, one scheduler each, side by side",
+        "bench", help="replay a real trace on real vLLM engines (--engine) or running servers (--target)",
         description="Replay the first --limit requests of the trace's test split at each rate on a real vLLM "
                     "engine per policy (vllm = vLLM's own scheduler; others run through the CacheOPT adapter), "
                     "with forced KV pressure; then simulate the same requests. Writes the simulator's report "
