@@ -181,19 +181,19 @@ def outcomes_of(streams: Sequence[_Stream], rows: Sequence[dict]) -> list[Reques
     for rid in set(preemptions) | set(recomputed):
         client_id = rid.rsplit("-", 1)[0]
         by_client_id[client_id] = (preemptions.get(rid, 0), recomputed.get(rid, 0))
-    outcomes = []
-    for s in streams:
-        times = s.token_times
-        num_preempted, num_recomputed = by_client_id.get(s.request.request_id, (0, 0))
-        outcomes.append(RequestOutcome(
-            request_id=s.request.request_id, slo=s.request.slo, arrival_s=s.arrival_s,
-            prompt_tokens=s.request.prompt_tokens, output_tokens=len(times),
-            true_output_tokens=s.request.output_tokens,
-            first_token_s=times[0] if times else None,
-            finish_s=times[-1] if s.finished and times else None,
-            token_gaps_s=[b - a for a, b in zip(times, times[1:])],
-            num_preemptions=num_preempted, num_recomputed_tokens=num_recomputed, bound_tokens=0))
-    return outcomes
+    return [stream_outcome(s, *by_client_id.get(s.request.request_id, (0, 0))) for s in streams]
+
+
+def stream_outcome(stream, num_preemptions: int = 0, num_recomputed_tokens: int = 0) -> RequestOutcome:
+    """A replayed request's outcome from the times its tokens arrived (an engine stream or
+    an HTTP stream: anything with `request`, `arrival_s`, `token_times` and `finished`)."""
+    r, times = stream.request, stream.token_times
+    return RequestOutcome(
+        request_id=r.request_id, slo=r.slo, arrival_s=stream.arrival_s, prompt_tokens=r.prompt_tokens,
+        output_tokens=len(times), true_output_tokens=r.output_tokens,
+        first_token_s=times[0] if times else None, finish_s=times[-1] if stream.finished and times else None,
+        token_gaps_s=[b - a for a, b in zip(times, times[1:])],
+        num_preemptions=num_preemptions, num_recomputed_tokens=num_recomputed_tokens, bound_tokens=0)
 
 
 def run_stats(streams: Sequence[_Stream], rows: Sequence[dict], start: float, kv_blocks: int) -> RunStats:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from bench.engine import prompt_token_ids
+from bench.engine import prompt_token_ids, stream_outcome
 from bench.metrics import RequestOutcome, RunStats
 from bench.traces import TraceRequest
 
@@ -85,16 +85,7 @@ async def replay_http(base_url: str, model: str, trace: Sequence[TraceRequest], 
 
 
 def outcomes_of_http(streams: Sequence[HttpStream]) -> list[RequestOutcome]:
-    out = []
-    for s in streams:
-        times = s.token_times
-        out.append(RequestOutcome(
-            request_id=s.request.request_id, slo=s.request.slo, arrival_s=s.arrival_s,
-            prompt_tokens=s.request.prompt_tokens, output_tokens=len(times), true_output_tokens=s.request.output_tokens,
-            first_token_s=times[0] if times else None, finish_s=times[-1] if s.finished and times else None,
-            token_gaps_s=[b - a for a, b in zip(times, times[1:])], num_preemptions=0, num_recomputed_tokens=0,
-            bound_tokens=0))
-    return out
+    return [stream_outcome(s) for s in streams]
 
 
 def http_run_stats(streams: Sequence[HttpStream]) -> RunStats:

@@ -63,7 +63,6 @@ class GlobalScheduler:
         self.started_s = time.time()
         self.store = RedisStore(redis_url) if redis_url else None
         self.epoch = 0
-        self.leases_in_store = False
 
     def observe(self, arrivals: list[float], snapshots: dict[str, dict]) -> dict:
         for t in arrivals:
@@ -76,7 +75,7 @@ class GlobalScheduler:
             self._write_leases()
         rate = self.rate.rate_rps(now)
         return {"confidence": self.tuner.confidence(rate), "arrival_rate_rps": rate, "leases": self.leases,
-                "started_s": self.started_s, "leases_in_store": self.leases_in_store}
+                "started_s": self.started_s}
 
     def _write_leases(self) -> None:
         """To Redis when configured; while it is away the leases live here and in the
@@ -87,12 +86,9 @@ class GlobalScheduler:
             self.epoch += 1
             stored = self.store.set_leases(self.epoch, self.leases)
             if stored > self.epoch:  # a newer split exists (we restarted): continue after it
-                self.epoch = stored
-                stored = self.store.set_leases(self.epoch + 1, self.leases)
-                self.epoch = stored
-            self.leases_in_store = True
+                self.epoch = self.store.set_leases(stored + 1, self.leases)
         except StoreUnavailable:
-            self.leases_in_store = False
+            pass  # the leases stay here; the next write after Redis returns reconciles
 
 
 def global_scheduler_handle(config: ClusterConfig):
@@ -210,7 +206,6 @@ class Ingress:
         self._poller: asyncio.Task | None = None
         self._global = None
         self.store = RedisStore(self.config.redis_url) if self.config.redis_url else None
-        self.snapshot_source = "replicas"
 
     # -- background: snapshots and control -----------------------------------------------
 
@@ -233,10 +228,9 @@ class Ingress:
                 names = [str(i) for i in range(len(self.replicas))]
                 found = await asyncio.to_thread(self.store.snapshots, names)
                 self._set_snapshots([found.get(name) for name in names])
-                self.snapshot_source = "redis"
                 return
             except StoreUnavailable:
-                self.snapshot_source = "replicas"  # Redis is away: ask the replicas themselves
+                pass  # Redis is away: ask the replicas themselves
 
         async def one(i: int):
             try:

@@ -332,8 +332,6 @@ class CacheOptScheduler(_Timed, Scheduler):
 
         if self._trace.spans:
             self._trace.on_plan(plan, admitted=[r.request_id for r in new_reqs + resumed_reqs], ledger=self.core.ledger)
-        order = {m.request_id: i for i, m in enumerate(self.core.running)}
-        self.running.sort(key=lambda r: order[r.request_id])
         self._plan, self._plan_started_s = plan, started
         out = self._scheduler_output(new_reqs, resumed_reqs, running_reqs, num_scheduled_tokens, req_to_new_blocks)
         if self.settings.check_invariants:
