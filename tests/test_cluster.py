@@ -229,13 +229,17 @@ def test_serving_goes_on_when_the_global_scheduler_dies(cluster):
 
 def test_each_request_is_one_connected_trace(cluster):
     sink = cluster["sink"]
-    sink.spans.clear()
-    for _ in range(2):
-        cluster["client"].completions.create(model=MODEL, prompt="trace me", max_tokens=3)
+    ids = {cluster["client"].completions.create(model=MODEL, prompt="trace me", max_tokens=3).id for _ in range(2)}
+
+    def request_id(span) -> str:
+        return next((a.value.string_value for a in span.attributes if a.key == "gen_ai.request.id"), "")
+
+    # Earlier tests' spans may still be arriving: keep the traces of these two requests.
     deadline = time.time() + 10
     while time.time() < deadline:
-        ingress = [s for s in sink.spans if s.name == "cacheopt.request"]
-        replica = [s for s in sink.spans if s.name == "cacheopt.replica.generate"]
+        ingress = [s for s in sink.spans if s.name == "cacheopt.request" and request_id(s) in ids]
+        traces = {s.trace_id for s in ingress}
+        replica = [s for s in sink.spans if s.name == "cacheopt.replica.generate" and s.trace_id in traces]
         if len(ingress) >= 2 and len(replica) >= 2:
             break
         time.sleep(0.2)

@@ -88,13 +88,22 @@ def test_concurrent_requests_spread_over_both_replicas(cluster):
 
 def test_each_request_is_one_trace_from_ingress_into_the_engine(cluster):
     sink = cluster["sink"]
-    sink.spans.clear()
-    cluster["client"].completions.create(model="tiny-llama", prompt="trace me " * 10, max_tokens=5)
+    out = cluster["client"].completions.create(model="tiny-llama", prompt="trace me " * 10, max_tokens=5)
+
+    def spans_of_this_request():
+        # Spans of earlier tests' requests may still be arriving: pick this request's trace.
+        roots = [s for s in sink.spans if s.name == "cacheopt.request"
+                 and any(a.key == "gen_ai.request.id" and a.value.string_value == out.id for a in s.attributes)]
+        if not roots:
+            return None
+        mine = {s.name: s for s in sink.spans if s.trace_id == roots[0].trace_id}
+        return mine if {"cacheopt.replica.generate", "cacheopt.engine"} <= set(mine) else None
+
     deadline = time.time() + 15
-    names = lambda: {s.name for s in sink.spans}  # noqa: E731
-    while {"cacheopt.request", "cacheopt.replica.generate", "cacheopt.engine"} - names() and time.time() < deadline:
+    while spans_of_this_request() is None and time.time() < deadline:
         time.sleep(0.2)
-    by_name = {s.name: s for s in sink.spans}
+    by_name = spans_of_this_request()
+    assert by_name is not None, sorted({s.name for s in sink.spans})
     ingress, replica, engine = (by_name[n] for n in ("cacheopt.request", "cacheopt.replica.generate",
                                                      "cacheopt.engine"))
     assert ingress.trace_id == replica.trace_id == engine.trace_id
