@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.metrics import RequestOutcome, RunStats
 from bench.traces import TraceRequest
-from replicas.engine_settings import XARG_MAX_TOKENS, XARG_SLO, EngineSettings
+from replicas.engine_settings import SHED_STOP_REASON, XARG_MAX_TOKENS, XARG_SLO, EngineSettings
 
 ADAPTER_CLS = "replicas.vllm_adapter.CacheOptScheduler"
 NATIVE_CLS = "replicas.vllm_adapter.StepLogScheduler"
@@ -111,6 +111,7 @@ class _Stream:
     engine_id: str | None = None
     token_times: list[float] = field(default_factory=list)
     finished: bool = False
+    shed: bool = False  # refused by the policy after a bounded wait (no token)
     error: str | None = None
 
 
@@ -136,9 +137,11 @@ async def replay(engine, trace: Sequence[TraceRequest], *, max_tokens_cap: int, 
         try:
             async for out in engine.generate(prompt, params, request_id=r.request_id):
                 now = time.time()
-                stream.token_times.extend([now] * len(out.outputs[0].token_ids))
+                completion = out.outputs[0]
+                stream.token_times.extend([now] * len(completion.token_ids))
                 if out.finished:
-                    stream.finished = True
+                    stream.shed = completion.stop_reason == SHED_STOP_REASON
+                    stream.finished = not stream.shed
         except Exception as error:  # noqa: BLE001 (a failed request is an outcome, not a crash)
             stream.error = f"{type(error).__name__}: {error}"
         if on_finish:
@@ -186,14 +189,16 @@ def outcomes_of(streams: Sequence[_Stream], rows: Sequence[dict]) -> list[Reques
 
 def stream_outcome(stream, num_preemptions: int = 0, num_recomputed_tokens: int = 0) -> RequestOutcome:
     """A replayed request's outcome from the times its tokens arrived (an engine stream or
-    an HTTP stream: anything with `request`, `arrival_s`, `token_times` and `finished`)."""
+    an HTTP stream: anything with `request`, `arrival_s`, `token_times`, `finished` and
+    `shed`)."""
     r, times = stream.request, stream.token_times
     return RequestOutcome(
         request_id=r.request_id, slo=r.slo, arrival_s=stream.arrival_s, prompt_tokens=r.prompt_tokens,
         output_tokens=len(times), true_output_tokens=r.output_tokens,
         first_token_s=times[0] if times else None, finish_s=times[-1] if stream.finished and times else None,
         token_gaps_s=[b - a for a, b in zip(times, times[1:])],
-        num_preemptions=num_preemptions, num_recomputed_tokens=num_recomputed_tokens, bound_tokens=0)
+        num_preemptions=num_preemptions, num_recomputed_tokens=num_recomputed_tokens, bound_tokens=0,
+        shed=stream.shed)
 
 
 def run_stats(streams: Sequence[_Stream], rows: Sequence[dict], start: float, kv_blocks: int) -> RunStats:

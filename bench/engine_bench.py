@@ -24,17 +24,17 @@ from bench.engine import (ADAPTER_CLS, NATIVE_CLS, EngineSetup, outcomes_of, rea
                           start_async_engine, stop_engine)
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
-from bench.slo import scaled_slo_classes
-from bench.traces import TraceRequest, load_azure_trace, scale_to_rate, scale_tokens, split_train_test
+from replicas.slo import scaled_slo_classes
+from bench.traces import TraceRequest, load_trace, scale_to_rate, scale_tokens, split_train_test
 from predictor.length_quantile import LengthQuantilePredictor
 from replicas.config import SchedulerConfig
 from replicas.engine_settings import EngineSettings
 from replicas.latency import get_latency_model
-from replicas.policies import ABLATION_NAMES, POLICY_NAMES
+from replicas.policies import SIMULATOR_ONLY, check_policy_names
 
 LATENCY_MODEL = "tiny-llama-cpu"
 # Fidelity compares these, simulated against measured.
-FIDELITY_METRICS = ("ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "max_gap_p95_s")
+FIDELITY_METRICS = ("ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "max_gap_p95_s", "preemptions_per_1k")
 
 
 @dataclass(frozen=True)
@@ -42,18 +42,16 @@ class EngineBenchSpec:
     trace: str = "conv"
     policies: tuple[str, ...] = ("vllm", "cacheopt")
     rates: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
-    limit: int = 200  # requests per run, the first of the test split
+    limit: int = 400  # requests per run, the first of the test split
     length_divisor: float = 4.0
     max_tokens: int = 256  # the client's cap, after the division
     seed: int = 0
     repeats: int = 1  # the same requests again: the spread is the engine's own noise
+    warmup: int = 50  # requests replayed on each engine before the first measured run (not reported)
     engine: EngineSetup = field(default_factory=EngineSetup)
 
     def __post_init__(self) -> None:
-        known = set(POLICY_NAMES) | set(ABLATION_NAMES)
-        unknown = [p for p in self.policies if p not in known]
-        if unknown:
-            raise ValueError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(sorted(known))}")
+        check_policy_names(self.policies)
         if not self.policies or not self.rates:
             raise ValueError("a benchmark needs at least one policy and one rate")
         if any(not (r > 0 and math.isfinite(r)) for r in self.rates):
@@ -62,14 +60,19 @@ class EngineBenchSpec:
             raise ValueError(f"repeats={self.repeats} must be >= 1")
         if self.limit < 2:
             raise ValueError(f"limit={self.limit} must be >= 2 (a rate needs two arrivals)")
+        if not 0 <= self.warmup <= self.limit:
+            raise ValueError(f"warmup={self.warmup} must lie in [0, limit={self.limit}]")
         if not self.length_divisor > 0:
             raise ValueError(f"length_divisor={self.length_divisor} must be > 0")
         if not 1 <= self.max_tokens < self.engine.max_model_len:
             raise ValueError(f"max_tokens={self.max_tokens} must lie in [1, max_model_len={self.engine.max_model_len})")
+        if self.trace not in ("conv", "code") and not Path(self.trace).is_file():
+            raise ValueError(f"trace={self.trace!r} is neither conv, code nor a file")
         if self.engine.kv_blocks is None:
             raise ValueError("the benchmark forces KV pressure: give the engine a kv_blocks count")
-        if "oracle" in self.policies:
-            raise ValueError("the oracle needs true output lengths, which a real engine does not reveal")
+        for name in self.policies:
+            if name in SIMULATOR_ONLY:
+                raise ValueError(f"policy {name!r} needs true output lengths, which a real engine does not reveal")
 
 
 def workload(spec: EngineBenchSpec) -> tuple[list[TraceRequest], LengthQuantilePredictor, dict]:
@@ -77,7 +80,7 @@ def workload(spec: EngineBenchSpec) -> tuple[list[TraceRequest], LengthQuantileP
     the same way), and the SLO classes."""
     unit_s = get_latency_model(LATENCY_MODEL).iteration_time_s(1, 1, 256)
     classes = scaled_slo_classes(unit_s)
-    train, test = split_train_test(load_azure_trace(spec.trace, seed=spec.seed, slo_classes=classes), seed=spec.seed)
+    train, test = split_train_test(load_trace(spec.trace, seed=spec.seed, slo_classes=classes), seed=spec.seed)
     context = spec.engine.max_model_len
 
     def prepare(requests: Sequence[TraceRequest]) -> list[TraceRequest]:
@@ -105,50 +108,90 @@ def sim_setup(spec: EngineBenchSpec) -> SimSetup:
 def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
                      on_progress: Callable[[str], None] | None = None,
                      on_request: Callable[[], None] | None = None) -> tuple[list[dict], list[dict], dict]:
-    """Engine rows and simulator rows (one per policy and rate), and the per-policy
-    schedule() timings {policy: [seconds per call]} at every rate."""
+    """Engine rows (one per policy, rate and repeat) and simulator rows (one per policy and
+    rate), and the per-policy schedule() timings {policy: [seconds per call]}.
+
+    Every policy gets its own engine, all started before the first measured run and each
+    warmed up with `warmup` requests; then the runs are interleaved: for each repeat and
+    rate, every policy once, in an order rotated by repeat, so that a drift of the machine
+    (another process, thermal state) lands on every policy alike. The simulated side uses
+    a latency model fitted in this run to vLLM's own steps (when `vllm` is among the
+    policies), so it does not depend on the machine the shipped fit came from."""
     out_dir.mkdir(parents=True, exist_ok=True)
     trace, predictor, classes = workload(spec)
     predictor_path = (out_dir / "predictor.json").resolve()
     predictor.save(predictor_path)
     vocab = json.loads((spec.engine.model / "config.json").read_text())["vocab_size"]
-    engine_rows, sim_rows, schedule_s = [], [], {}
-    for policy in spec.policies:
-        step_log = (out_dir / f"steps-{policy}.jsonl").resolve()
-        step_log.unlink(missing_ok=True)
-        settings = settings_for(policy, predictor_path, classes, step_log)
-        scheduler_cls = NATIVE_CLS if policy == "vllm" else ADAPTER_CLS
-        if on_progress:
-            on_progress(f"starting the engine for {policy}")
-        schedule_s[policy] = []
+    engine_rows: list[dict] = []
+    schedule_s: dict[str, list[float]] = {policy: [] for policy in spec.policies}
+    logs = {policy: (out_dir / f"steps-{policy}.jsonl").resolve() for policy in spec.policies}
+    native_steps: list[dict] = []
 
-        async def run_policy() -> None:
-            engine = start_async_engine(spec.engine, scheduler_cls, settings)
-            try:
-                for repeat, rate in ((k, r) for k in range(spec.repeats) for r in spec.rates):
-                    if on_progress:
-                        on_progress(f"{policy} @ {rate:g} req/s" + (f" (repeat {repeat})" if spec.repeats > 1 else ""))
-                    requests = scale_to_rate(trace, rate)
-                    streams, start = await replay(engine, requests, max_tokens_cap=spec.max_tokens, vocab_size=vocab,
-                                                  on_finish=on_request)
-                    end = max((s.token_times[-1] for s in streams if s.token_times), default=start) + 1.0
-                    await asyncio.sleep(0.2)  # the engine flushes its step log when it goes idle
-                    steps = read_step_log(step_log, start, end)
-                    schedule_s[policy] += [row["schedule_s"] for row in steps]
-                    stats = run_stats(streams, steps, start, spec.engine.kv_blocks)
-                    engine_rows.append({"policy": policy, "rate_rps": rate, "repeat": repeat,
-                                        **summarize(outcomes_of(streams, steps), stats),
-                                        "schedule_us_mean": 1e6 * _mean([r["schedule_s"] for r in steps])})
-            finally:
+    async def run_all() -> None:
+        engines = {}
+        try:
+            for policy in spec.policies:
+                if on_progress:
+                    on_progress(f"starting and warming up the engine for {policy}")
+                logs[policy].unlink(missing_ok=True)
+                settings = settings_for(policy, predictor_path, classes, logs[policy])
+                engines[policy] = start_async_engine(spec.engine, NATIVE_CLS if policy == "vllm" else ADAPTER_CLS,
+                                                     settings)
+                if spec.warmup:
+                    await replay(engines[policy], scale_to_rate(trace[:spec.warmup], spec.rates[0]),
+                                 max_tokens_cap=spec.max_tokens, vocab_size=vocab)
+            for repeat in range(spec.repeats):
+                for rate in spec.rates:
+                    shift = repeat % len(spec.policies)
+                    for policy in spec.policies[shift:] + spec.policies[:shift]:
+                        if on_progress:
+                            on_progress(f"{policy} @ {rate:g} req/s (repeat {repeat})")
+                        requests = scale_to_rate(trace, rate)
+                        streams, start = await replay(engines[policy], requests, max_tokens_cap=spec.max_tokens,
+                                                      vocab_size=vocab, on_finish=on_request)
+                        end = max((s.token_times[-1] for s in streams if s.token_times), default=start) + 1.0
+                        await asyncio.sleep(0.2)  # the engine flushes its step log when it goes idle
+                        steps = read_step_log(logs[policy], start, end)
+                        if policy == "vllm":
+                            native_steps.extend(steps)
+                        schedule_s[policy] += [row["schedule_s"] for row in steps]
+                        stats = run_stats(streams, steps, start, spec.engine.kv_blocks)
+                        engine_rows.append({"policy": policy, "rate_rps": rate, "repeat": repeat,
+                                            **summarize(outcomes_of(streams, steps), stats),
+                                            "schedule_us_mean": 1e6 * _mean([r["schedule_s"] for r in steps])})
+        finally:
+            for engine in engines.values():
                 stop_engine(engine)
 
-        asyncio.run(run_policy())
-        gc.collect()
+    asyncio.run(run_all())
+    gc.collect()
+    setup = sim_setup(spec)
+    calibration = calibrate_from_steps(native_steps, out_dir)
+    if calibration is not None:
+        setup = dataclasses.replace(setup, latency_model=str(calibration["path"]))
+    sim_rows = []
+    for policy in spec.policies:
         for rate in spec.rates:
-            result = simulate(scale_to_rate(trace, rate), policy, sim_setup(spec), predictor)
-            sim_rows.append({"policy": policy, "rate_rps": rate, "repeat": 0,
-                             **summarize(result.outcomes, result.stats)})
-    return engine_rows, sim_rows, schedule_s
+            result = simulate(scale_to_rate(trace, rate), policy, setup, predictor)
+            sim_rows.append({"policy": policy, "rate_rps": rate, "repeat": 0, **summarize(result.outcomes, result.stats)})
+    return engine_rows, sim_rows, {"schedule_s": schedule_s, "calibration": calibration}
+
+
+def calibrate_from_steps(steps: Sequence[dict], out_dir: Path) -> dict | None:
+    """Fit the step-time model to vLLM's own busy steps of this run and say how far the
+    shipped fit (`tiny-llama-cpu`, fitted on another machine) is from them. None when
+    there are too few steps (vLLM's scheduler was not in the run)."""
+    from bench.calibrate import fit_errors, fit_linear, step_periods
+
+    samples = step_periods(sorted(steps, key=lambda row: row["t"]))
+    try:
+        fitted = fit_linear(samples, name="tiny-llama-cpu-this-run", source="vLLM's steps in this engine benchmark")
+    except ValueError:
+        return None
+    path = out_dir / "latency-this-run.json"
+    path.write_text(json.dumps(fitted.to_dict(), indent=1))
+    return {"path": path.resolve(), "fitted": fit_errors(fitted, samples),
+            "shipped": fit_errors(get_latency_model(LATENCY_MODEL), samples)}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -156,8 +199,9 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def fidelity_table(engine_rows: Sequence[dict], sim_rows: Sequence[dict]) -> tuple[str, float]:
-    """Markdown: measured (mean over repeats) against simulated for each latency
-    statistic, with simulated / measured; and the share of cells within 15%."""
+    """Markdown: measured (mean over repeats) against simulated for each latency statistic
+    and preemptions per 1k requests, with simulated / measured; and the share of latency
+    cells within 15%."""
     sim = {(r["policy"], r["rate_rps"]): r for r in sim_rows}
     measured_runs: dict[tuple, list[dict]] = {}
     for row in engine_rows:
@@ -170,9 +214,13 @@ def fidelity_table(engine_rows: Sequence[dict], sim_rows: Sequence[dict]) -> tup
         for m in FIDELITY_METRICS:
             measured, simulated = _mean([r[m] for r in runs]), sim[(policy, rate)][m]
             ratio = simulated / measured if measured > 0 else math.nan
-            total += 1
-            within += abs(ratio - 1) <= 0.15
-            cells.append(f"{measured * 1e3:.0f} / {simulated * 1e3:.0f} ms ({ratio:.2f})")
+            if m.endswith("_s"):
+                total += 1
+                within += abs(ratio - 1) <= 0.15
+            if m.endswith("_s"):
+                cells.append(f"{measured * 1e3:.0f} / {simulated * 1e3:.0f} ms ({ratio:.2f})")
+            else:
+                cells.append(f"{measured:.0f} / {simulated:.0f} ({ratio:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), within / total if total else math.nan
 

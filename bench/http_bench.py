@@ -32,6 +32,11 @@ class HttpStream:
     error: str | None = None
     replica: str | None = None
 
+    @property
+    def shed(self) -> bool:
+        """Refused with 429 (the policy's bounded wait ran out, or the queues were full)."""
+        return self.status == 429
+
 
 async def replay_http(base_url: str, model: str, trace: Sequence[TraceRequest], *, vocab_size: int,
                       timeout_s: float = 600.0, on_finish: Callable[[], None] | None = None) -> list[HttpStream]:

@@ -11,6 +11,10 @@ Definitions:
   TBT SLO when it finished and >= 95% of its gaps are <= `slo.tbt_s` (trivially with no
   gaps). Unfinished requests miss the TBT SLO, and so both. Attainments are fractions of
   all requests; goodput is requests meeting both per second of `duration_s`.
+- A shed request (refused after a bounded wait, an error the client may retry) has no
+  first token: it misses both SLOs and counts in `shed_share`. TTFT percentiles and
+  `ttft_max_s` are over served requests only, so starvation shows there and shedding in
+  `shed_share`; both stand next to attainment in every report.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class RequestOutcome:
     num_preemptions: int
     num_recomputed_tokens: int
     bound_tokens: int  # predicted padded bound U_p at admission (0 = no prediction)
+    shed: bool = False  # refused after a bounded wait, before any token (429 to a client)
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,14 @@ class RunStats:
 
 def _latency_block(prefix: str, values: np.ndarray) -> dict[str, float]:
     if not values.size:
-        return {f"{prefix}_{stat}_s": float("nan") for stat in ("mean", "p50", "p95", "p99")}
+        return {f"{prefix}_{stat}_s": float("nan") for stat in ("mean", "p50", "p95", "p99", "max")}
     p50, p95, p99 = np.percentile(values, [50, 95, 99])  # one partition for all three
     return {
         f"{prefix}_mean_s": float(values.mean()),
         f"{prefix}_p50_s": float(p50),
         f"{prefix}_p95_s": float(p95),
         f"{prefix}_p99_s": float(p99),
+        f"{prefix}_max_s": float(values.max()),
     }
 
 
@@ -123,6 +129,7 @@ def summarize(outcomes: Sequence[RequestOutcome], stats: RunStats) -> dict[str, 
         "ttft_slo_attainment": float(ttft_met.mean()) if n else nan,
         "tbt_slo_attainment": float(tbt_met.mean()) if n else nan,
         "slo_attainment": float(both_met.mean()) if n else nan,
+        "shed_share": float(np.mean([o.shed for o in outcomes])) if n else nan,
         "goodput_rps": _per_rate(float(both_met.sum()), stats.duration_s),
         "throughput_rps": _per_rate(float(num_finished), stats.duration_s),
         "output_tokens_per_s": _per_rate(float(output.sum()), stats.duration_s),
@@ -132,6 +139,7 @@ def summarize(outcomes: Sequence[RequestOutcome], stats: RunStats) -> dict[str, 
     for name in sorted(set(class_names.tolist())):
         mine = class_names == name
         metrics[f"ttft_p95_s_{name}"] = _percentile(ttft[mine & has_first], 95)
+        metrics[f"ttft_p99_s_{name}"] = _percentile(ttft[mine & has_first], 99)
         metrics[f"max_gap_p95_s_{name}"] = _percentile(max_gap[mine & has_gap], 95)
         metrics[f"slo_attainment_{name}"] = float(both_met[mine].mean())
     metrics |= _preemption_metrics(outcomes, stats)
@@ -174,7 +182,7 @@ def _predictor_metrics(outcomes: Sequence[RequestOutcome]) -> dict[str, float]:
 
 
 def max_sustainable_rate(
-    rates: Sequence[float], attainments: Sequence[float], threshold: float = 0.9
+    rates: Sequence[float], attainments: Sequence[float], threshold: float = 0.9, *, first_failure: bool = False
 ) -> float:
     """The highest arrival rate whose SLO attainment is >= `threshold`.
 
@@ -183,7 +191,10 @@ def max_sustainable_rate(
     interpolated linearly to where attainment crosses the threshold between them:
     r_i + (a_i - threshold) / (a_i - a_{i+1}) * (r_{i+1} - r_i). If r_i is the highest
     rate swept it is returned as is (no extrapolation). A failing rate below r_i (noise
-    near saturation) does not stop the search. 0.0 if no rate passes. NaN attainment fails.
+    near saturation) does not stop the search, unless `first_failure`: then r_i is the
+    last rate before the first failing one (every rate up to it passes), the honest
+    figure when attainment is not monotone in rate. 0.0 if no rate passes (with
+    `first_failure`: if the lowest rate fails). NaN attainment fails.
     """
     if len(rates) != len(attainments):
         raise ValueError(f"{len(rates)} rates but {len(attainments)} attainments")
@@ -193,10 +204,18 @@ def max_sustainable_rate(
     a = np.nan_to_num(np.asarray(attainments, dtype=float), nan=-np.inf)
     uniq, inverse = np.unique(r, return_inverse=True)
     a_mean = np.bincount(inverse, weights=a) / np.bincount(inverse)
-    passing = np.flatnonzero(a_mean >= threshold)
-    if not passing.size:
-        return 0.0
-    i = passing[-1]
+    passing = a_mean >= threshold
+    if first_failure:
+        failing = np.flatnonzero(~passing)
+        if not failing.size:
+            return float(uniq[-1])
+        if failing[0] == 0:
+            return 0.0
+        i = failing[0] - 1
+    else:
+        if not passing.any():
+            return 0.0
+        i = np.flatnonzero(passing)[-1]
     if i == len(uniq) - 1:
         return float(uniq[i])
     a_lo, a_hi = a_mean[i], a_mean[i + 1]

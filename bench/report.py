@@ -28,17 +28,21 @@ ID_KEYS = ("policy", "rate_rps", "repeat")
 # (column title, metric, kind): kind picks the number format.
 KEY_METRICS: tuple[tuple[str, str, str], ...] = (
     ("TTFT p95 (s)", "ttft_p95_s", "latency"),
+    ("TTFT p99 (s)", "ttft_p99_s", "latency"),
+    ("TTFT max (s)", "ttft_max_s", "latency"),
     ("max-gap p95 (s)", "max_gap_p95_s", "latency"),
     ("ITL p95 (s)", "itl_p95_s", "latency"),
     ("TTFT att.", "ttft_slo_attainment", "fraction"),
     ("TBT att.", "tbt_slo_attainment", "fraction"),
     ("SLO att.", "slo_attainment", "fraction"),
+    ("shed", "shed_share", "fraction"),
     ("goodput (req/s)", "goodput_rps", "number"),
     ("preempt/1k", "preemptions_per_1k", "number"),
 )
 # Latencies compared as baseline / policy (> 1: the policy is faster).
 RATIO_METRICS: tuple[tuple[str, str], ...] = (
     ("TTFT p95 ratio", "ttft_p95_s"),
+    ("TTFT p99 ratio", "ttft_p99_s"),
     ("max-gap p95 ratio", "max_gap_p95_s"),
     ("ITL p95 ratio", "itl_p95_s"),
 )
@@ -190,20 +194,34 @@ def ratio_table(rows: Sequence[Mapping], baseline: str, rate: float) -> str:
     return _md_table(header, body)
 
 
-def sustainable_rates(rows: Sequence[Mapping], policy: str,
-                      slo_threshold: float = SLO_THRESHOLD) -> tuple[float, float, float]:
-    """(from mean attainment per rate, min, max over repeats) of the maximum sustainable rate."""
+def sustainable_rates(rows: Sequence[Mapping], policy: str, slo_threshold: float = SLO_THRESHOLD, *,
+                      first_failure: bool = False) -> tuple[float, float, float]:
+    """(from mean attainment per rate, min, max over repeats) of the maximum sustainable
+    rate, or with `first_failure` of the rate up to which every swept rate passes."""
     runs = [r for r in rows if r["policy"] == policy]
     if not runs:
         return math.nan, math.nan, math.nan
-    msr = max_sustainable_rate([float(r["rate_rps"]) for r in runs],
-                               [_to_float(r.get("slo_attainment")) for r in runs], slo_threshold)
-    per_repeat = []
-    for k in sorted({_repeat(r) for r in runs}):
-        rep = [r for r in runs if _repeat(r) == k]
-        per_repeat.append(max_sustainable_rate([float(r["rate_rps"]) for r in rep],
-                                               [_to_float(r.get("slo_attainment")) for r in rep], slo_threshold))
-    return msr, min(per_repeat), max(per_repeat)
+
+    def msr(part: Sequence[Mapping]) -> float:
+        return max_sustainable_rate([float(r["rate_rps"]) for r in part],
+                                    [_to_float(r.get("slo_attainment")) for r in part], slo_threshold,
+                                    first_failure=first_failure)
+
+    per_repeat = [msr([r for r in runs if _repeat(r) == k]) for k in sorted({_repeat(r) for r in runs})]
+    return msr(runs), min(per_repeat), max(per_repeat)
+
+
+def is_cacheopt(policy: str) -> bool:
+    """CacheOPT, its designs and ablations, and the oracle (CacheOPT with true lengths)."""
+    return policy.startswith("cacheopt") or policy == "oracle"
+
+
+def strongest_baseline(rows: Sequence[Mapping], slo_threshold: float = SLO_THRESHOLD) -> str | None:
+    """The baseline (any policy that is not CacheOPT) with the highest sustainable rate."""
+    baselines = [p for p in dict.fromkeys(str(r["policy"]) for r in rows) if not is_cacheopt(p)]
+    if not baselines:
+        return None
+    return max(baselines, key=lambda p: sustainable_rates(rows, p, slo_threshold)[0])
 
 
 def knee_rate(rows: Sequence[Mapping], baseline: str, slo_threshold: float = SLO_THRESHOLD) -> float | None:
@@ -233,7 +251,9 @@ def summary_markdown(rows: Sequence[Mapping], *, baseline: str, title: str, extr
         "## Maximum sustainable rate",
         f"Highest rate with SLO attainment >= {100 * slo_threshold:g}%, interpolated linearly "
         "between the last passing and the first failing swept rate (>=: it passed the highest "
-        "rate swept, so the true value may be higher).",
+        "rate swept, so the true value may be higher). First-failure rate: the same up to the "
+        "first failing rate, so every rate below it passes. Ratios against the baseline and "
+        "against the strongest policy that is not CacheOPT. With repeats: mean (min–max).",
         _msr_table(rows, policies, baseline, slo_threshold, num_repeats > 1),
         "Knee (the baseline's maximum sustainable rate rounded up to a swept rate): "
         + (f"**{knee:g} req/s**." if knee is not None else "n/a."),
@@ -248,7 +268,7 @@ def summary_markdown(rows: Sequence[Mapping], *, baseline: str, title: str, extr
 
 
 def per_class_table(rows: Sequence[Mapping], policies: Sequence[str], rate: float) -> str:
-    """TTFT p95 and SLO attainment of each SLO class (`*_<class>` metrics), mean over repeats."""
+    """TTFT p95 and p99 and SLO attainment of each SLO class (`*_<class>` metrics), mean over repeats."""
     classes = sorted({key.removeprefix("slo_attainment_") for row in rows for key in row
                       if key.startswith("slo_attainment_")})
     if not classes:
@@ -258,32 +278,46 @@ def per_class_table(rows: Sequence[Mapping], policies: Sequence[str], rate: floa
         runs = _runs(rows, policy, rate)
         cells = [policy]
         for name in classes:
-            for metric, kind in ((f"ttft_p95_s_{name}", "latency"), (f"slo_attainment_{name}", "fraction")):
+            for metric, kind in ((f"ttft_p95_s_{name}", "latency"), (f"ttft_p99_s_{name}", "latency"),
+                                 (f"slo_attainment_{name}", "fraction")):
                 values = _values(runs, metric)
                 cells.append(_fmt(float(values.mean()) if values.size else math.nan, kind))
         body.append(cells)
-    header = ["policy"] + [f"{name} {what}" for name in classes for what in ("TTFT p95 (s)", "SLO att.")]
+    header = ["policy"] + [f"{name} {what}" for name in classes
+                           for what in ("TTFT p95 (s)", "TTFT p99 (s)", "SLO att.")]
     return _md_table(header, body)
 
 
 def _msr_table(rows: Sequence[Mapping], policies: Sequence[str], baseline: str, slo_threshold: float,
                show_range: bool) -> str:
     """A policy that sustains the highest swept rate may sustain more: its rate and its
-    ratio are lower bounds, marked >=; with the baseline also capped the ratio is unknown."""
+    ratio are lower bounds, marked >=; with the reference also capped the ratio is
+    unknown. Ratios against the baseline and against the strongest non-CacheOPT policy."""
     top_rate = rates_in(rows)[-1]
-    base = sustainable_rates(rows, baseline, slo_threshold)[0]
-    base_capped = base == top_rate
+    strongest = strongest_baseline(rows, slo_threshold)
+    references = [baseline] + ([strongest] if strongest not in (None, baseline) else [])
+    reference_rates = {ref: sustainable_rates(rows, ref, slo_threshold)[0] for ref in references}
+
+    def ratio_cell(value: float, policy: str, ref: str) -> str:
+        base = reference_rates[ref]
+        text = _fmt(value / base if base > 0 else math.nan, "ratio")
+        if policy == ref:
+            return text
+        if base == top_rate and value == top_rate:
+            return "n/a (both sustain every rate)"
+        return (">= " + text) if value == top_rate and text != "–" else text
+
     body = []
     for policy in policies:
         msr = sustainable_rates(rows, policy, slo_threshold)
+        first = sustainable_rates(rows, policy, slo_threshold, first_failure=True)
         capped = msr[0] == top_rate
-        ratio = _fmt(msr[0] / base if base > 0 else math.nan, "ratio")
-        if base_capped and capped and policy != baseline:
-            ratio = "n/a (both sustain every rate)"
-        elif capped and ratio != "–" and policy != baseline:
-            ratio = ">= " + ratio
-        body.append([policy, (">= " if capped else "") + _cell(*msr, "number", show_range), ratio])
-    return _md_table(["policy", "max sustainable rate (req/s)", "ratio vs baseline"], body)
+        body.append([policy, (">= " if capped else "") + _cell(*msr, "number", show_range),
+                     _cell(*first, "number", show_range)]
+                    + [ratio_cell(msr[0], policy, ref) for ref in references])
+    header = ["policy", "max sustainable rate (req/s)", "first-failure rate (req/s)"]
+    header += [f"ratio vs `{ref}`" for ref in references]
+    return _md_table(header, body)
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping]) -> None:

@@ -155,4 +155,4 @@ def outcome_of(request: Request) -> RequestOutcome:
         true_output_tokens=request.true_output_tokens, first_token_s=request.first_token_s,
         finish_s=request.finish_s, token_gaps_s=request.token_gaps_s,
         num_preemptions=request.num_preemptions, num_recomputed_tokens=request.num_recomputed_tokens,
-        bound_tokens=request.bound_at_admission_tokens)
+        bound_tokens=request.bound_at_admission_tokens, shed=request.shed_s is not None)

@@ -1,30 +1,6 @@
-"""SLO classes with heterogeneous TBT objectives, and a deterministic per-request assignment.
+"""Which SLO class each replayed request gets: a deterministic draw from a mix.
 
-Every class is a multiple of one unit: the engine's unloaded per-token latency (the decode
-step time of a lone request). Llama-3-8B in bf16 on one H100 reads ~16 GB of weights per
-decode step: ~5 ms at 3.35 TB/s, ~10 ms with kernel and scheduler overhead. Under load, a
-decode step with a batch of hundreds and a chunked-prefill piece takes roughly 10-40 ms.
-
-    class     TTFT            TBT            on an H100 (unit 10 ms)
-    realtime  100 x unit      10 x unit      1 s,  0.1 s
-    chat      300 x unit      20 x unit      3 s,  0.2 s
-    batch     1500 x unit     100 x unit     15 s, 1.0 s
-
-Why these multiples (the same reasoning as DistServe's per-application SLOs and
-Sarathi-Serve's "strict" and "relaxed" P99 TBT of ~5x and ~25x a decode iteration):
-- realtime TBT = 10 units, 2.5-10 loaded decode steps: met by any schedule that keeps
-  decoding, but missed by a single recompute stall (a preempted request re-prefills its
-  whole context and waits for admission again: hundreds of ms). This is the class that
-  preemption policy decides.
-- chat TBT = 20 units, ~0.2 s: a little faster than people read (~5 tokens/s), so a user
-  sees a stall only when a request is preempted and waits.
-- batch TBT = 100 units, 1 s: streaming hardly matters; the victim of choice for
-  SLO-aware preemption (loosest TBT first).
-- TTFT grows with the same ratios: realtime must start within ~100 steps (a few prefills
-  of trace-sized prompts queued ahead), batch tolerates queueing behind a burst.
-
-The Azure conversation trace at its native 5.5 req/s loads one H100 lightly, so the TTFT
-objectives bite only when the rate is scaled up, which is what the sweep does.
+The classes themselves live in replicas/slo.py (one table for every path).
 """
 
 from __future__ import annotations
@@ -32,43 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from replicas.request import Slo
-
-# (TTFT multiple, TBT multiple) of the engine's unloaded per-token latency.
-SLO_MULTIPLES: dict[str, tuple[float, float]] = {
-    "realtime": (100.0, 10.0),
-    "chat": (300.0, 20.0),
-    "batch": (1500.0, 100.0),
-}
-
-# Unloaded per-token latency of Llama-3-8B (bf16) on one H100 that SLO_CLASSES assumes.
-H100_LLAMA3_8B_UNIT_S = 0.010
-
-SLO_CLASSES: dict[str, Slo] = {
-    "realtime": Slo("realtime", ttft_s=1.0, tbt_s=0.1),
-    "chat": Slo("chat", ttft_s=3.0, tbt_s=0.2),
-    "batch": Slo("batch", ttft_s=15.0, tbt_s=1.0),
-}
+from replicas.slo import SLO_CLASSES, get_slo_class
 
 # Share of requests per class; a mapping from class name to a non-negative weight.
 DEFAULT_SLO_MIX: dict[str, float] = {"realtime": 0.2, "chat": 0.5, "batch": 0.3}
-
-
-def scaled_slo_classes(unit_s: float) -> dict[str, Slo]:
-    """The SLO classes as multiples (SLO_MULTIPLES) of `unit_s`, an engine's unloaded
-    per-token latency; `scaled_slo_classes(0.010)` equals SLO_CLASSES."""
-    if not unit_s > 0:
-        raise ValueError(f"unit_s={unit_s} must be > 0")
-    return {
-        name: Slo(name, ttft_s=ttft_x * unit_s, tbt_s=tbt_x * unit_s)
-        for name, (ttft_x, tbt_x) in SLO_MULTIPLES.items()
-    }
-
-
-def get_slo_class(name: str, classes: Mapping[str, Slo] = SLO_CLASSES) -> Slo:
-    try:
-        return classes[name]
-    except KeyError:
-        raise ValueError(f"unknown SLO class {name!r}; known: {sorted(classes)}") from None
 
 
 def _splitmix64(x: int) -> int:

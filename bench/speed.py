@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from bench.simulate import SimSetup, simulate
-from bench.slo import SLO_CLASSES
+from replicas.slo import SLO_CLASSES
 from bench.traces import load_azure_trace, scale_to_rate
 from predictor.length_quantile import LengthQuantilePredictor
 from replicas.config import SchedulerConfig

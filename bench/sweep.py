@@ -15,13 +15,13 @@ from pathlib import Path
 
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
-from bench.traces import TraceRequest, load_azure_trace, scale_to_rate, split_train_test
+from bench.traces import TraceRequest, load_trace, scale_to_rate, split_train_test
 from global_scheduler.confidence import (ConfidenceController, FeedbackConfidence, RateController,
                                          RateTunedConfidence)
 from predictor.base import OutputLengthPredictor
 from predictor.length_quantile import LengthQuantilePredictor
 from predictor.training import DEFAULT_ARTIFACT
-from replicas.policies import ABLATION_NAMES, POLICY_NAMES
+from replicas.policies import POLICY_NAMES, check_policy_names
 
 
 TRACES = ("conv", "code", "alpaca")
@@ -31,7 +31,10 @@ CONFIDENCE_MODES = ("fixed", "rate", "feedback")
 
 @dataclass(frozen=True)
 class SweepSpec:
-    trace: str = "conv"  # an Azure trace, or "alpaca": AlpacaEval prompts on the conv trace's arrivals
+    # An Azure trace (conv, code), "alpaca" (AlpacaEval prompts on the conv trace's arrivals),
+    # or a trace file (Azure CSV or Mooncake/AIPerf JSONL, bench/traces.py).
+    trace: str = "conv"
+    length_divisor: float = 1.0  # divide a trace's token counts (small models)
     policies: tuple[str, ...] = POLICY_NAMES
     rates: tuple[float, ...] = (4.0, 6.0, 8.0)
     seeds: tuple[int, ...] = (0,)
@@ -51,17 +54,18 @@ class SweepSpec:
     setup: SimSetup = field(default_factory=SimSetup)
 
     def __post_init__(self) -> None:
-        known = set(POLICY_NAMES) | set(ABLATION_NAMES)
-        unknown = [p for p in self.policies if p not in known]
-        if unknown:
-            raise ValueError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(sorted(known))}")
+        check_policy_names(self.policies)
         if not self.policies or not self.rates or not self.seeds:
             raise ValueError("a sweep needs at least one policy, one rate and one seed")
         if any(r <= 0 for r in self.rates):
             raise ValueError(f"rates must be > 0 req/s, got {list(self.rates)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1")
-        for name, value, allowed in (("trace", self.trace, TRACES), ("predictor", self.predictor, PREDICTORS),
+        if self.trace not in TRACES and not Path(self.trace).is_file():
+            raise ValueError(f"trace={self.trace!r} is neither one of {', '.join(TRACES)} nor a file")
+        if not self.length_divisor > 0:
+            raise ValueError(f"length_divisor={self.length_divisor} must be > 0")
+        for name, value, allowed in (("predictor", self.predictor, PREDICTORS),
                                      ("confidence_mode", self.confidence_mode, CONFIDENCE_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
@@ -80,7 +84,8 @@ def workload(spec: SweepSpec, seed: int) -> tuple[list[TraceRequest], OutputLeng
     """The replayed requests and the predictor, which never saw them."""
     if spec.trace == "alpaca":
         return _alpaca_workload(spec, seed)
-    train, test = split_train_test(load_azure_trace(spec.trace, seed=seed), spec.train_fraction, seed=seed)
+    requests = load_trace(spec.trace, seed=seed, length_divisor=spec.length_divisor)
+    train, test = split_train_test(requests, spec.train_fraction, seed=seed)
     predictor = LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens) for r in train)
     replayed = test if spec.replay == "test" else train
     return (replayed[:spec.limit] if spec.limit else replayed), predictor

@@ -3,11 +3,15 @@
 Data: Azure/AzurePublicDataset, © Microsoft, CC-BY 4.0; cite Patel et al., "Splitwise:
 Efficient generative LLM inference using phase splitting", ISCA 2024. See data/NOTICE.md.
 Anything derived from these traces (rescaled rates, scaled tokens) carries the attribution.
+
+Users replay their own traffic through `load_trace_path`: a CSV in the same Azure schema, or
+JSONL in the Mooncake / AIPerf trace format.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import re
@@ -16,7 +20,8 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from bench.slo import DEFAULT_SLO_MIX, SLO_CLASSES, make_slo_assigner
+from bench.slo import DEFAULT_SLO_MIX, make_slo_assigner
+from replicas.slo import SLO_CLASSES
 from replicas.request import Slo
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -42,6 +47,10 @@ class TraceRequest:
     # The prompt itself, for predictors that read text (bench.alpaca_workload); the Azure
     # traces carry token counts only, so None there.
     prompt_text: str | None = None
+    # One id per KV block of the prompt (Mooncake / AIPerf traces; equal leading ids mean a
+    # shared prefix), kept for prefix-reuse policies. Nothing reads it yet; None when the
+    # trace has no block ids. Last, so positional construction elsewhere keeps working.
+    hash_ids: tuple[int, ...] | None = None
 
 
 def load_azure_trace(
@@ -122,6 +131,164 @@ def load_trace_file(
         )
         for arrival_ns, row, prompt, output in rows
     ]
+
+
+def load_trace_path(
+    path: Path,
+    *,
+    prefix: str | None = None,
+    limit: int | None = None,
+    slo_mix: Mapping[str, float] = DEFAULT_SLO_MIX,
+    seed: int = 0,
+    slo_classes: Mapping[str, Slo] = SLO_CLASSES,
+) -> list[TraceRequest]:
+    """A user's own trace: a CSV in the Azure schema (read by `load_trace_file`) or JSONL in
+    the Mooncake / AIPerf format (`timestamp` in ms, `input_length`, `output_length`,
+    optional `hash_ids`; other keys ignored).
+
+    `.csv` is CSV and `.jsonl` / `.json` is JSONL; any other name is sniffed from its first
+    non-empty line (`{` means JSONL), so a trace saved as `.txt` or `.log` still loads. Both
+    formats mean the same: arrivals in seconds since the first arrival kept, a stable sort by
+    arrival, ids `<prefix>-<row:06d>` (prefix defaults to the file stem), zero token counts
+    clamped to 1, the SLO class drawn from the 0-based data row, `limit` keeping the first
+    rows of the file. Every problem with the file, a missing one included, is a ValueError
+    naming it (and the 1-based line where there is one), so a CLI can print it as is.
+    """
+    path = Path(path)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit={limit} must be >= 0")
+    lines = _read_lines(path)
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"{path}:1: no requests (empty file)")
+    prefix = path.stem if prefix is None else prefix
+
+    if not _is_jsonl(path, lines):
+        requests = load_trace_file(
+            path, prefix=prefix, limit=limit, slo_mix=slo_mix, seed=seed, slo_classes=slo_classes
+        )
+        # Checked on the lines, not on `requests`, so that limit=0 still returns [].
+        if not any(line.strip() for line in lines[1:]):
+            raise ValueError(f"{path}:2: no requests after the header")
+        return requests
+
+    assign = make_slo_assigner(slo_mix, slo_classes)
+    rows: list[tuple[int | float, int, int, int, tuple[int, ...] | None]] = []
+    for line_no, line in enumerate(lines, start=1):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            arrival_ms, prompt, output, hash_ids = _parse_jsonl_request(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: {e}: {_excerpt(line)}") from None
+        rows.append((arrival_ms, len(rows), max(1, prompt), max(1, output), hash_ids))
+
+    rows.sort(key=lambda r: (r[0], r[1]))
+    t0_ms = rows[0][0] if rows else 0
+    return [
+        TraceRequest(
+            request_id=f"{prefix}-{row:06d}",
+            arrival_s=(arrival_ms - t0_ms) / 1000,  # exact for integer ms up to 2**53
+            prompt_tokens=prompt,
+            output_tokens=output,
+            slo=assign(row, seed),
+            hash_ids=hash_ids,
+        )
+        for arrival_ms, row, prompt, output, hash_ids in rows
+    ]
+
+
+def _read_lines(path: Path) -> list[str]:
+    # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON
+    # allows raw inside strings, and line numbers would then disagree with the editor's.
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read trace: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
+    return text.split("\n")
+
+
+def _is_jsonl(path: Path, lines: Sequence[str]) -> bool:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return False
+    if suffix in (".jsonl", ".json"):
+        return True
+    first = next(line for line in lines if line.strip())
+    return first.lstrip().startswith("{")
+
+
+def _parse_jsonl_request(line: str) -> tuple[int | float, int, int, tuple[int, ...] | None]:
+    """(timestamp ms, input_length, output_length, hash_ids) of one JSONL line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bad JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("bad JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {_json_type(obj)}")
+
+    arrival_ms = _field(obj, "timestamp")
+    if not isinstance(arrival_ms, (int, float)) or isinstance(arrival_ms, bool):
+        raise ValueError(f"timestamp must be a number of milliseconds, got {_json_type(arrival_ms)}")
+    # json.loads takes NaN and Infinity; an int past 2**53 ms (285,000 years) would lose
+    # precision as a float, so it is as wrong as infinity here.
+    finite = math.isfinite(arrival_ms) if isinstance(arrival_ms, float) else abs(arrival_ms) <= 2**53
+    if not finite:
+        raise ValueError(f"timestamp={arrival_ms} must be a finite number of milliseconds")
+    if arrival_ms < 0:
+        raise ValueError(f"timestamp={arrival_ms} must be >= 0")
+    prompt = _token_count(obj, "input_length")
+    output = _token_count(obj, "output_length")
+
+    hash_ids = obj.get("hash_ids")
+    if hash_ids is not None:  # null is the JSON spelling of "no block ids"
+        if not isinstance(hash_ids, list):
+            raise ValueError(f"hash_ids must be a list of integers, got {_json_type(hash_ids)}")
+        for i, h in enumerate(hash_ids):
+            if not isinstance(h, int) or isinstance(h, bool):
+                raise ValueError(f"hash_ids[{i}] must be an integer, got {_json_type(h)}")
+        hash_ids = tuple(hash_ids)
+    return arrival_ms, prompt, output, hash_ids
+
+
+def _field(obj: dict, key: str):
+    try:
+        return obj[key]
+    except KeyError:
+        raise ValueError(f"missing field {key!r}") from None
+
+
+def _token_count(obj: dict, key: str) -> int:
+    value = _field(obj, key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer token count, got {_json_type(value)} {value!r}")
+    if value < 0:
+        raise ValueError(f"{key}={value} must be >= 0")
+    return value
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages a trace's author will read."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    names = {dict: "object", list: "array", str: "string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _excerpt(line: str, width: int = 80) -> str:
+    # A Mooncake line carries one hash id per block: thousands of numbers for a long prompt.
+    line = line.strip()
+    return repr(line if len(line) <= width else line[: width - 3] + "...")
 
 
 def _parse_timestamp_ns(text: str, day_ns: dict[str, int]) -> int:
@@ -208,3 +375,16 @@ def _check_sorted(requests: Sequence[TraceRequest]) -> None:
                 f"requests not sorted by arrival: {cur.request_id} at {cur.arrival_s} "
                 f"after {prev.request_id} at {prev.arrival_s}"
             )
+
+
+def load_trace(name_or_path: str | Path, *, seed: int = 0, slo_classes: Mapping[str, Slo] = SLO_CLASSES,
+               length_divisor: float = 1.0, max_context: int | None = None) -> list[TraceRequest]:
+    """A shipped Azure trace by name (`conv`, `code`) or any trace file (`load_trace_path`:
+    Azure CSV or Mooncake/AIPerf JSONL), its token counts divided by `length_divisor`."""
+    if str(name_or_path) in AZURE_TRACES:
+        requests = load_azure_trace(str(name_or_path), seed=seed, slo_classes=slo_classes)
+    else:
+        requests = load_trace_path(Path(name_or_path), seed=seed, slo_classes=slo_classes)
+    if length_divisor != 1.0 or max_context is not None:
+        requests = scale_tokens(requests, length_divisor, max_context=max_context)
+    return requests

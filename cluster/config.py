@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from replicas.policies import ABLATION_NAMES, POLICY_NAMES
+from replicas.policies import SIMULATOR_ONLY, check_policy_names
 
 
 class ConfigError(ValueError):
@@ -59,9 +59,9 @@ class PolicyConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        known = set(POLICY_NAMES) | set(ABLATION_NAMES)
-        if name not in known or name == "oracle":
-            raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(sorted(known - {'oracle'}))}")
+        if name in SIMULATOR_ONLY:
+            raise ValueError(f"policy {name!r} needs true output lengths and runs in the simulator only")
+        check_policy_names([name])
         return name
 
 

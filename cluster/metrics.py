@@ -30,6 +30,7 @@ class ClusterMetrics:
         self.finished = 0
         self.failed = 0
         self.rejected = 0
+        self.shed = 0  # of the rejected: refused by a replica's policy after a bounded wait
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)
@@ -71,6 +72,8 @@ class ClusterMetrics:
         metric("vllm:generation_tokens_total", "counter", "tokens generated", [({}, self.generation_tokens)])
         metric("cacheopt_requests_failed_total", "counter", "requests a replica failed", [({}, self.failed)])
         metric("cacheopt_requests_rejected_total", "counter", "requests refused with 429", [({}, self.rejected)])
+        metric("cacheopt_requests_shed_total", "counter",
+               "requests a replica's policy refused after a bounded wait (429; also in rejected)", [({}, self.shed)])
         cumulative, buckets = 0, []
         for edge, count in zip(TTFT_BUCKETS_S, self.ttft_counts):
             cumulative += count

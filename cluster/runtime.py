@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cluster.config import ClusterConfig
 from replicas.config import SchedulerConfig
-from replicas.engine_settings import EngineSettings, RequestHints, apply_control
+from replicas.engine_settings import SHED_STOP_REASON, EngineSettings, RequestHints, apply_control
 from replicas.latency import get_latency_model
 from replicas.request import Request
 from replicas.scheduler import build_scheduler
@@ -31,6 +31,16 @@ from replicas.sim_engine import SimEngine
 from replicas.snapshot import KVSnapshot, take_snapshot
 
 DEFAULT_PREDICTOR = Path(__file__).resolve().parents[1] / "predictor" / "data" / "length-conv.json"
+_SHED = object()  # SimRuntime's queue item for a request the policy shed
+
+
+class RequestShed(Exception):
+    """The replica's policy refused the request after a bounded wait, before its first
+    token (it could no longer start in time). The ingress answers 429 with Retry-After."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"request {request_id} was shed: it waited past its bound without starting")
+        self.request_id = request_id
 
 
 def engine_settings(config: ClusterConfig, *, snapshot_path: str | None = None) -> EngineSettings:
@@ -72,6 +82,8 @@ class SimRuntime:
             produced = 0
             while produced < max_tokens:
                 count = await queue.get()
+                if count is _SHED:
+                    raise RequestShed(request_id)
                 if count is None:
                     return
                 # Arbitrary ids (the simulated engine has no model): position-dependent, clear of 0-2.
@@ -93,6 +105,10 @@ class SimRuntime:
                 await self._wake.wait()
             start = time.time()
             plan = core.schedule(start)
+            for request in plan.shed:
+                queue = self._queues.get(request.request_id)
+                if queue is not None:
+                    queue.put_nowait(_SHED)
             if not plan.scheduled:
                 await asyncio.sleep(max(core.max_recent_iteration_s, 1e-3))  # nothing fits until time passes
                 continue
@@ -143,7 +159,10 @@ class VllmRuntime:
         # Cancelling this generator (a client that left) makes vLLM abort the request.
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params,
                                               request_id=request_id):
-            ids = list(out.outputs[0].token_ids)
+            completion = out.outputs[0]
+            if out.finished and completion.stop_reason == SHED_STOP_REASON:
+                raise RequestShed(request_id)
+            ids = list(completion.token_ids)
             if ids:
                 yield ids
 

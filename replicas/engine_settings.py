@@ -21,6 +21,7 @@ from replicas.latency import get_latency_model
 from replicas.policies import make_policy
 from replicas.policies.base import Policy
 from replicas.request import Slo
+from replicas.slo import SLO_CLASSES, slo_seconds
 
 # extra_args keys read by the adapter.
 XARG_SLO = "cacheopt_slo"  # SLO class name
@@ -31,8 +32,12 @@ XARG_BOUND = "cacheopt_bound_tokens"  # ... and its bound U_p; both or neither
 XARG_RESERVE = "cacheopt_reserve_blocks"  # the replica's global-reserve lease, from the global scheduler
 XARG_TRACEPARENT = "cacheopt_traceparent"  # W3C trace context: the engine's span joins the request's trace
 
-# bench/slo.py's classes (an H100's 10 ms unit); benchmarks pass classes scaled to their engine.
-DEFAULT_SLO_CLASSES = {"realtime": (1.0, 0.1), "chat": (3.0, 0.2), "batch": (15.0, 1.0)}
+# stop_reason of a request the policy shed (refused after a bounded wait, before any token):
+# finish_reason is `abort`; the serving layer answers 429 with Retry-After.
+SHED_STOP_REASON = "cacheopt_shed"
+
+# The H100 classes (replicas/slo.py); benchmarks pass classes scaled to their engine.
+DEFAULT_SLO_CLASSES = slo_seconds(SLO_CLASSES)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 GiB = 1 << 30
+
+
+class LatencyModel(Protocol):
+    """An engine's step time, and the two costs a policy weighs when it preempts. The
+    simulated engine runs on it and the policy plans with it (the same object)."""
+
+    def iteration_time_s(self, num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float: ...
+
+    def prefill_time_s(self, num_tokens: int) -> float: ...
+
+    def swap_time_s(self, num_tokens: int, block_size: int) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -360,9 +372,12 @@ LATENCY_MODELS: dict[str, Callable[[], RooflineLatencyModel | LinearLatencyModel
 
 
 def get_latency_model(name: str) -> RooflineLatencyModel | LinearLatencyModel:
+    """A model by name, or a linear model's JSON file (`cacheopt calibrate` writes one)."""
+    if name.endswith(".json"):
+        return LinearLatencyModel.load(Path(name))
     try:
         factory = LATENCY_MODELS[name]
     except KeyError:
         known = ", ".join(sorted(LATENCY_MODELS))
-        raise ValueError(f"unknown latency model {name!r}; choose one of {known}") from None
+        raise ValueError(f"unknown latency model {name!r}; choose one of {known}, or a fitted model's .json") from None
     return factory()

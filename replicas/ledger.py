@@ -30,6 +30,11 @@ class Share:
     lent: int = 0  # sum of the guests' reservations
 
     @property
+    def room(self) -> int:
+        """Blocks this request may hold: its reservation less what its guests borrow."""
+        return self.reserved - self.lent
+
+    @property
     def idle(self) -> int:
         """Promised blocks that nobody holds or borrows."""
         return self.reserved - self.held - self.lent
@@ -88,7 +93,7 @@ class KVLedger:
     def try_hold(self, rid: str, held: int) -> bool:
         """Set the blocks `rid` physically holds; they must lie within its reservation."""
         s = self.shares[rid]
-        if held > s.reserved - s.lent:
+        if held > s.room:
             return False
         if held < 0:
             raise ValueError(f"request {rid}: held={held} < 0")
@@ -126,7 +131,7 @@ class KVLedger:
         freed = sorted(s.guests)
         for gid in freed:
             self.shares[gid].host = None
-        self._give_back(s.reserved - s.lent)
+        self._give_back(s.room)
         return freed
 
     # --- swap space on the host --------------------------------------------------------

@@ -52,6 +52,7 @@ class Request:
     first_token_s: float | None = None
     last_token_s: float | None = None
     finish_s: float | None = None
+    shed_s: float | None = None  # when the policy gave up on it before its first token (an error, not an answer)
     token_gaps_s: list[float] = field(default_factory=list)
 
     num_preemptions: int = 0

@@ -12,33 +12,15 @@ from __future__ import annotations
 import bisect
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from replicas.config import SchedulerConfig
 from replicas.ledger import KVLedger
+from replicas.plan import SWAP, StepPlan, blocks_for
 from replicas.request import Request, Status
 
 if TYPE_CHECKING:
     from replicas.policies.base import Policy
-
-RECOMPUTE = "recompute"
-SWAP = "swap"
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """What one engine step computes. `scheduled` maps request -> new tokens this step."""
-
-    step_index: int
-    scheduled: dict[Request, int] = field(default_factory=dict)
-    preempted: list[tuple[Request, str]] = field(default_factory=list)
-    swap_in_blocks: int = 0
-    swap_out_blocks: int = 0
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
 
 
 class ReplicaScheduler:
@@ -95,10 +77,12 @@ class ReplicaScheduler:
         self.now_s = now_s
         plan = StepPlan(self.step_index)
         self._plan = plan
-        budget = self.policy.step_token_budget()
+        policy = self.policy
+        if self.waiting:
+            self._shed(plan, policy.requests_to_shed(now_s))
+        budget = policy.step_token_budget()
         block_size = self.config.block_size
         shares = self.ledger.shares
-        policy = self.policy
         lookahead = policy.lookahead_tokens
         running = self.running
 
@@ -110,16 +94,18 @@ class ReplicaScheduler:
                 n = budget
             end = request.num_computed_tokens + n
             share = shares[request.request_id]
-            if lookahead and (share.reserved - share.lent) * block_size < end + lookahead:
+            if lookahead and share.room * block_size < end + lookahead:
                 policy.top_up_ahead(request, end)
             need = -(-end // block_size)
             if need > share.held and not self.ledger.try_hold(request.request_id, need):
                 num_preempted = len(plan.preempted)
                 while not policy.try_grow(request, need):
                     victim = policy.choose_victim(request)
-                    budget += self.preempt(victim, policy.preemption_mode(victim))
+                    self.preempt(victim, policy.preemption_mode(victim))
                     if victim is request:
                         break
+                budget += plan.refunded_tokens  # victims scheduled earlier in this step give theirs back
+                plan.refunded_tokens = 0
                 if request.status is not Status.RUNNING:
                     continue  # it preempted itself; running[i] is already the next one
                 if len(plan.preempted) > num_preempted:
@@ -133,6 +119,20 @@ class ReplicaScheduler:
         self._plan = None
         return plan
 
+    def _shed(self, plan: StepPlan, requests: list[Request]) -> None:
+        """Drop waiting requests the policy gave up on: they leave no share and no queue
+        entry behind, and the engine answers them with an error."""
+        for request in requests:
+            self._dequeue(request)
+            if request.swapped_blocks:
+                self.ledger.unpark(request.swapped_blocks)
+                request.swapped_blocks = 0
+            request.status = Status.FINISHED
+            request.shed_s = self.now_s
+            del self.requests[request.request_id]
+            plan.shed.append(request)
+        self.counters["shed"] += len(requests)
+
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         """Offer admission in the policy's order. A blocking policy stops at the first
         refusal; the others skip ahead, but look at most `admission_scan_limit` refusals
@@ -140,14 +140,18 @@ class ReplicaScheduler:
         policy = self.policy
         policy.begin_admission()
         num_refused = 0
-        admitted = []
+        admitted = plan.admitted
         for request in policy.admission_order(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if request.status is Status.RUNNING:
                 continue  # seen twice: a critical admission queued its victims mid-scan
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not policy.try_admit(request, n):
+            accepted = policy.try_admit(request, n)
+            if plan.refunded_tokens:  # a critical admission preempted someone scheduled this step
+                budget += plan.refunded_tokens
+                plan.refunded_tokens = 0
+            if not accepted:
                 num_refused += 1
                 if policy.head_of_line_blocking or num_refused >= policy.admission_scan_limit:
                     break
@@ -188,11 +192,16 @@ class ReplicaScheduler:
                 self.waiting.append(request)
         else:
             bisect.insort(self.waiting, request, key=key)
+        self.policy.on_enqueue(request)
 
-    def preempt(self, victim: Request, mode: str) -> int:
-        """Evict a running request; returns the token budget it gives back this step."""
+    def preempt(self, victim: Request, mode: str) -> None:
+        """Evict a running request. Tokens it was scheduled for this step go back to the
+        step's budget (`plan.refunded_tokens`), whoever asked for the preemption."""
         plan = self._plan
-        refund = plan.scheduled.pop(victim, 0) if plan is not None else 0
+        if plan is not None:
+            if victim in plan.admitted:
+                raise AssertionError(f"{victim.request_id} was admitted this step; the policy must not evict it")
+            plan.refunded_tokens += plan.scheduled.pop(victim, 0)
         self._release(victim)
         self.running.remove(victim)
         if mode == SWAP:
@@ -211,11 +220,11 @@ class ReplicaScheduler:
         self.counters[f"preempt_{mode}"] += 1
         if plan is not None:
             plan.preempted.append((victim, mode))
-        return refund
 
     def _release(self, request: Request) -> None:
         # A host's guests keep their blocks, which become their own (ledger.release).
         self.counters["guest_rehomed"] += len(self.ledger.release(request.request_id))
+        self.policy.on_leave(request)
 
     def on_step_done(self, plan: StepPlan, end_s: float, duration_s: float,
                      is_finished: Callable[[Request], bool]) -> list[Request]:
@@ -226,9 +235,13 @@ class ReplicaScheduler:
         self.recent_iteration_s.append(duration_s)
         self.max_recent_iteration_s = max(self.recent_iteration_s)
         finished = []
+        policy = self.policy
+        progress_events = policy.wants_progress_events
         for request, n in plan.scheduled.items():
             request.num_computed_tokens += n
             if request.num_computed_tokens < request.num_tokens:
+                if progress_events:
+                    policy.on_no_token(request)
                 continue  # a prefill chunk: no token sampled yet
             request.num_output_tokens += 1
             if request.first_token_s is None:
@@ -244,7 +257,11 @@ class ReplicaScheduler:
                 finished.append(request)
         if finished:
             self.running = [r for r in self.running if r.status is Status.RUNNING]
-        self.policy.after_step(plan)
+        if progress_events and len(plan.scheduled) < len(self.running) + len(finished):
+            for request in self.running:
+                if request not in plan.scheduled:
+                    policy.on_no_token(request)  # the step's budget ran out before it
+        policy.after_step(plan)
         return finished
 
 

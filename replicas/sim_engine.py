@@ -6,17 +6,8 @@ swap-outs and swap-ins are added to its duration (vLLM V0 swapped synchronously 
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from replicas.scheduler import StepPlan
-
-
-class LatencyModel(Protocol):
-    def iteration_time_s(self, num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float: ...
-
-    def prefill_time_s(self, num_tokens: int) -> float: ...
-
-    def swap_time_s(self, num_tokens: int, block_size: int) -> float: ...
+from replicas.latency import LatencyModel
+from replicas.plan import StepPlan
 
 
 class SimEngine:

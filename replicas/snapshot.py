@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from replicas.scheduler import ReplicaScheduler, blocks_for
+from replicas.plan import blocks_for
+from replicas.scheduler import ReplicaScheduler
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,14 +37,15 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.engine import EngineCoreEventType
+from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request as VllmRequest
 from vllm.v1.request import RequestStatus
 
 from replicas.config import SchedulerConfig
-from replicas.engine_settings import EngineSettings, RequestHints, apply_control
+from replicas.engine_settings import SHED_STOP_REASON, EngineSettings, RequestHints, apply_control
 from replicas.request import Request
-from replicas.scheduler import RECOMPUTE, StepPlan, build_scheduler
+from replicas.plan import RECOMPUTE, StepPlan
+from replicas.scheduler import build_scheduler
 from replicas.snapshot import take_snapshot
 
 logger = init_logger(__name__)
@@ -189,6 +190,7 @@ class CacheOptScheduler(_Timed, Scheduler):
         super().__init__(*args, **kwargs)
         self._check_supported()
         self._plan: StepPlan | None = None
+        self._shed: list[VllmRequest] = []  # finished by the policy this step, answered in update_from_output
         self._plan_started_s = 0.0
         self._snapshot_s = 0.0
         self._trace = _EngineTrace()
@@ -281,14 +283,15 @@ class CacheOptScheduler(_Timed, Scheduler):
         self.kv_cache_manager.new_step_starts()
         plan = self.core.schedule(started)
 
+        if plan.shed:
+            self._shed_requests(plan)
         preempted_reqs: list[VllmRequest] = []
         for victim, mode in plan.preempted:
             assert mode == RECOMPUTE, "the core was built with can_swap=False"
             request = self.requests[victim.request_id]
-            if request.status == RequestStatus.RUNNING:  # else admitted and evicted within this plan
-                self.running.remove(request)
-                self._preempt_request(request, scheduled_timestamp)
-                preempted_reqs.append(request)
+            self.running.remove(request)  # the core never evicts a request it admitted in the same step
+            self._preempt_request(request, scheduled_timestamp)
+            preempted_reqs.append(request)
 
         new_reqs: list[VllmRequest] = []
         resumed_reqs: list[VllmRequest] = []
@@ -388,11 +391,33 @@ class CacheOptScheduler(_Timed, Scheduler):
         self._update_after_schedule(out)
         return out
 
+    def _shed_requests(self, plan: StepPlan) -> None:
+        """The policy gave up on these waiting requests (a bounded wait ran out): finish
+        them in vLLM, freeing nothing (they hold no blocks), and answer each client with
+        finish_reason `abort` and stop_reason SHED_STOP_REASON, which the serving layer
+        turns into 429 with Retry-After."""
+        shed = Scheduler.finish_requests(self, [m.request_id for m in plan.shed], RequestStatus.FINISHED_ABORTED)
+        self._shed.extend(shed)
+        for request in shed:
+            self._trace.end(request.request_id, "shed")
+
+    def _answer_shed(self, outputs: dict[int, EngineCoreOutputs]) -> None:
+        shed, self._shed = self._shed, []
+        for request in shed:
+            eco = outputs.get(request.client_index)
+            if eco is None:
+                eco = outputs[request.client_index] = EngineCoreOutputs()
+            eco.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                                finish_reason=FinishReason.ABORT, stop_reason=SHED_STOP_REASON,
+                                                events=request.take_events(), trace_headers=request.trace_headers))
+
     def update_from_output(self, scheduler_output, model_runner_output):
         plan, self._plan = self._plan, None
         # vLLM deletes finished requests from self.requests: keep them for the verdict.
         by_mirror = {m: self.requests[m.request_id] for m in plan.scheduled} if plan else {}
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._shed:
+            self._answer_shed(outputs)
         if plan is not None:
             end = time.time()
             finished = self.core.on_step_done(plan, end, end - self._plan_started_s,

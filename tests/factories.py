@@ -8,7 +8,8 @@ from predictor.base import LengthPrediction
 from replicas.config import CacheOptConfig, SchedulerConfig
 from replicas.policies import make_policy
 from replicas.request import Request, Slo
-from replicas.scheduler import RECOMPUTE, ReplicaScheduler, StepPlan, build_scheduler
+from replicas.plan import RECOMPUTE, StepPlan
+from replicas.scheduler import ReplicaScheduler, build_scheduler
 
 TIGHT = Slo("realtime", ttft_s=1.0, tbt_s=0.05)
 CHAT = Slo("chat", ttft_s=3.0, tbt_s=0.2)
@@ -70,7 +71,7 @@ class FakeCosts:
 def make_scheduler(policy: str = "cacheopt", *, total_blocks: int = 64, block_size: int = 4,
                    predictor=None, costs=None, can_swap: bool = False, host_swap_blocks: int = 0,
                    budget: int = 64, max_num_seqs: int = 64, **cacheopt) -> ReplicaScheduler:
-    config = SchedulerConfig(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    config = SchedulerConfig(block_size=block_size, max_num_seqs=min(max_num_seqs, budget), max_num_batched_tokens=budget)
     policy_obj = make_policy(policy, predictor=predictor or FixedPredictor(), costs=costs,
                              cacheopt_config=CacheOptConfig(**cacheopt))
     return build_scheduler(policy_obj, total_blocks=total_blocks, config=config, can_swap=can_swap,

@@ -5,7 +5,7 @@ from factories import (CHAT, LOOSE, TIGHT, FakeCosts, FixedPredictor, held, make
                        run_step)
 
 from replicas.request import Status
-from replicas.scheduler import RECOMPUTE, SWAP
+from replicas.plan import RECOMPUTE, SWAP
 
 # --- vllm -------------------------------------------------------------------------------
 
@@ -102,12 +102,12 @@ def test_s3_reserves_unpadded_prediction_and_doubles_when_outgrown():
     assert r.bound_output_tokens == 12 and s.counters["underpredicted"] == 1
 
 
-# --- cacheopt 2: reservation and reuse -----------------------------------------------------
+# --- cacheopt-locked 2: reservation and reuse (the paper's literal design) -----------------------------------------------------
 
 
-def test_cacheopt_reserves_prompt_plus_padded_bound():
+def test_locked_reserves_prompt_plus_padded_bound():
     """Admission reserves ceil((P + U_p) / block_size) blocks but holds only what is computed."""
-    s = make_scheduler(block_size=4, predictor=FixedPredictor(point=8, bound=12), reserve=False)
+    s = make_scheduler("cacheopt-locked", block_size=4, predictor=FixedPredictor(point=8, bound=12), reserve=False)
     r = make_request(prompt=8, output=5)
     s.add_request(r, 0.0)
     run_step(s)
@@ -117,7 +117,7 @@ def test_cacheopt_reserves_prompt_plus_padded_bound():
 
 def _two_hosts_and_a_guest(spare_small_blocks, spare_large_blocks, guest_blocks, margin):
     """Hosts reserve a lot but are predicted to grow little while the guest lives."""
-    s = make_scheduler(total_blocks=200, block_size=4, reserve=False, embed_margin_blocks=margin,
+    s = make_scheduler("cacheopt-locked", total_blocks=200, block_size=4, reserve=False, embed_margin_blocks=margin,
                        predictor=FixedPredictor(point=4, bound=4))
     hosts = []
     for spare in (spare_small_blocks, spare_large_blocks):
@@ -137,7 +137,7 @@ def _two_hosts_and_a_guest(spare_small_blocks, spare_large_blocks, guest_blocks,
     return s, hosts, guest
 
 
-def test_cacheopt_embeds_guest_in_best_fitting_host():
+def test_locked_embeds_guest_in_best_fitting_host():
     """A guest that fits no free pool is embedded in the feasible host with the least spare."""
     s, (small, large), guest = _two_hosts_and_a_guest(6, 20, guest_blocks=4, margin=2)
     run_step(s)
@@ -145,14 +145,14 @@ def test_cacheopt_embeds_guest_in_best_fitting_host():
     assert s.counters["embed"] == 1
 
 
-def test_cacheopt_embedding_respects_margin():
+def test_locked_embedding_respects_margin():
     """Host spare minus the guest's reservation must be at least the margin b."""
     s, (small, large), guest = _two_hosts_and_a_guest(5, 5, guest_blocks=4, margin=2)
     run_step(s)
     assert guest.status is Status.WAITING and s.counters["embed"] == 0
 
 
-def test_cacheopt_reuse_off_never_embeds():
+def test_locked_reuse_off_never_embeds():
     """With reuse switched off the same guest waits."""
     s, _, guest = _two_hosts_and_a_guest(6, 20, guest_blocks=4, margin=2)
     s.policy.config = s.policy.config.without("reuse")
@@ -160,7 +160,7 @@ def test_cacheopt_reuse_off_never_embeds():
     assert guest.status is Status.WAITING
 
 
-def test_cacheopt_host_takes_blocks_back_by_evicting_guest():
+def test_locked_host_takes_blocks_back_by_evicting_guest():
     """A host that needs more than its own room, with no free blocks to cover it, preempts its guest."""
     s, (small, large), guest = _two_hosts_and_a_guest(6, 20, guest_blocks=4, margin=2)
     run_step(s)
@@ -173,13 +173,13 @@ def test_cacheopt_host_takes_blocks_back_by_evicting_guest():
     s.ledger.check_invariants()
 
 
-# --- cacheopt 3: top-up and the reserve ------------------------------------------------------
+# --- cacheopt-locked 3: top-up and the reserve ------------------------------------------------------
 
 
-def test_cacheopt_tops_up_k_iterations_ahead():
+def test_locked_tops_up_k_iterations_ahead():
     """The top-up happens when the reservation covers fewer than k more tokens, not earlier."""
     k = 3
-    s = make_scheduler(block_size=4, predictor=FixedPredictor(point=8, bound=8, step=8),
+    s = make_scheduler("cacheopt-locked", block_size=4, predictor=FixedPredictor(point=8, bound=8, step=8),
                        topup_lookahead_iters=k, reserve=False)
     r = make_request(prompt=8, output=30)
     s.add_request(r, 0.0)
@@ -194,9 +194,9 @@ def test_cacheopt_tops_up_k_iterations_ahead():
     assert r.bound_output_tokens > 8 and s.ledger.shares[r.request_id].reserved > 4
 
 
-def test_cacheopt_admission_never_draws_the_reserve():
+def test_locked_admission_never_draws_the_reserve():
     """A non-critical admission is refused rather than dip into the global reserve."""
-    s = make_scheduler(total_blocks=20, block_size=4, reserve_fraction=0.2,
+    s = make_scheduler("cacheopt-locked", total_blocks=20, block_size=4, reserve_fraction=0.2,
                        predictor=FixedPredictor(point=8, bound=60), slo_preemption=False)
     r = make_request(prompt=8, output=4, max_tokens=64)  # wants (8 + 60) / 4 = 17 > 16 free
     s.add_request(r, 0.0)
@@ -204,9 +204,9 @@ def test_cacheopt_admission_never_draws_the_reserve():
     assert r.status is Status.WAITING and s.ledger.reserve_free == 4
 
 
-def test_cacheopt_top_up_draws_the_reserve_when_free_is_gone():
+def test_locked_top_up_draws_the_reserve_when_free_is_gone():
     """Top-ups take free blocks first, then the reserve."""
-    s = make_scheduler(total_blocks=20, block_size=4, reserve_fraction=0.2,
+    s = make_scheduler("cacheopt-locked", total_blocks=20, block_size=4, reserve_fraction=0.2,
                        predictor=FixedPredictor(point=4, bound=4, step=16), topup_lookahead_iters=2)
     r = make_request(prompt=8, output=40, max_tokens=64)
     s.add_request(r, 0.0)
@@ -270,9 +270,10 @@ def test_cacheopt_protects_just_resumed_requests():
     assert s.policy.choose_victim(b) is b
 
 
-def test_critical_request_gets_minimum_allocation_from_reserve():
+def test_locked_critical_request_gets_minimum_allocation_from_reserve():
     """A critical new request is admitted with prompt + B blocks, drawing on the reserve."""
-    s = make_scheduler(total_blocks=40, block_size=4, reserve_fraction=0.25, critical_extra_blocks=2,
+    s = make_scheduler("cacheopt-locked", total_blocks=40, block_size=4, reserve_fraction=0.25, critical_extra_blocks=2,
+                       critical_admission=True,
                        predictor=FixedPredictor(point=8, bound=60))
     hog = make_request(prompt=100, output=8, slo=TIGHT, max_tokens=8)  # reserves 27 of 30 free
     s.add_request(hog, 0.0)
@@ -287,8 +288,8 @@ def test_critical_request_gets_minimum_allocation_from_reserve():
 
 def test_critical_request_preempts_only_looser_slos():
     """When nothing is free, a critical request preempts a looser-SLO request, never a tighter one."""
-    s = make_scheduler(total_blocks=12, block_size=4, reserve=False, critical_extra_blocks=1,
-                       predictor=FixedPredictor(point=4, bound=4), protect_steps=0)
+    s = make_scheduler("cacheopt-locked", total_blocks=12, block_size=4, reserve=False, critical_extra_blocks=1,
+                       predictor=FixedPredictor(point=4, bound=4), protect_steps=0, critical_admission=True)
     tight_runner = make_request(prompt=16, output=40, slo=TIGHT, max_tokens=64)
     loose_runner = make_request(prompt=16, output=40, slo=LOOSE, max_tokens=64)
     s.add_request(tight_runner, 0.0)
@@ -303,7 +304,8 @@ def test_critical_request_preempts_only_looser_slos():
 
 def test_late_request_is_not_critical():
     """A request whose deadline has already passed cannot be saved and preempts nobody."""
-    s = make_scheduler(total_blocks=12, block_size=4, reserve=False, predictor=FixedPredictor(point=4, bound=4))
+    s = make_scheduler(total_blocks=12, block_size=4, reserve=False, predictor=FixedPredictor(point=4, bound=4),
+                       shedding=False)
     runner = make_request(prompt=16, output=40, slo=LOOSE, max_tokens=64)
     s.add_request(runner, 0.0)
     run_step(s, now_s=0.0, duration_s=0.5)
@@ -380,7 +382,8 @@ def test_token_budget_off_is_vllm_budget():
 # --- shared mechanics -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["vllm", "sglang", "s3", "lcf", "cacheopt"])
+@pytest.mark.parametrize("policy", ["vllm", "vllm-2048", "sglang", "s3", "lcf", "edf", "past-future", "cacheopt",
+                                    "cacheopt-locked"])
 def test_abort_frees_blocks_and_reservation(policy):
     """An aborted request gives back everything it held or was promised."""
     s = make_scheduler(policy, total_blocks=64)
@@ -418,3 +421,130 @@ def test_vllm_admits_only_if_the_whole_prompt_fits():
     r2 = make_request(prompt=44, output=2)
     fits.add_request(r2, 0.0)
     assert run_step(fits).scheduled == {r2: 8} and held(fits, r2) == 2
+
+
+# --- no starvation: shedding after a bounded wait ---------------------------------------------
+
+
+def test_a_request_that_never_starts_is_shed_after_its_bounded_wait():
+    """A new request still waiting at shed_wait_ttft_multiple x its TTFT SLO is shed: it
+    leaves the queue, the request table and the ledger, and counts once."""
+    s = make_scheduler("edf", total_blocks=12, block_size=4, shed_wait_ttft_multiple=2.0)
+    hog = make_request(prompt=40, output=40, slo=LOOSE, max_tokens=64)
+    s.add_request(hog, 0.0)
+    run_step(s, now_s=0.0)
+    starved = make_request(prompt=20, output=4, slo=TIGHT, arrival_s=0.0)  # TTFT 1 s: shed at 2 s
+    s.add_request(starved, 0.0)
+    plan = run_step(s, now_s=1.9)
+    assert starved.status is Status.WAITING and not plan.shed
+    plan = run_step(s, now_s=2.0)
+    assert plan.shed == [starved] and starved.status is Status.FINISHED and starved.shed_s == 2.0
+    assert starved not in s.waiting and starved.request_id not in s.requests
+    assert starved.request_id not in s.ledger.shares and s.counters["shed"] == 1
+
+
+def test_a_started_request_is_never_shed():
+    """Shedding refuses only requests without a first token: a stalled stream is finished."""
+    s = make_scheduler("edf", total_blocks=64, block_size=4)
+    r = make_request(prompt=8, output=40, slo=TIGHT)
+    s.add_request(r, 0.0)
+    run_step(s, now_s=0.0)
+    s.preempt(r, RECOMPUTE)
+    for step in range(3):
+        assert not run_step(s, now_s=5.0 + step).shed
+    assert r.status is Status.RUNNING
+
+
+def test_shedding_off_lets_a_request_wait():
+    """cacheopt-no_shedding keeps the old behaviour: late requests wait behind on-time ones."""
+    s = make_scheduler("edf", total_blocks=12, block_size=4, shedding=False)
+    s.add_request(make_request(prompt=40, output=40, slo=LOOSE, max_tokens=64), 0.0)
+    run_step(s)
+    late = make_request(prompt=20, output=4, slo=TIGHT)
+    s.add_request(late, 0.0)
+    assert not run_step(s, now_s=100.0).shed and late.status is Status.WAITING
+
+
+# --- decision bugs found in review -----------------------------------------------------------------
+
+
+def test_a_preemption_inside_a_policy_hook_gives_its_tokens_back_to_the_step():
+    """Whoever preempts (the running loop, a guest eviction, a critical admission), the
+    victim's tokens scheduled this step return to the step's budget."""
+    s = make_scheduler("edf", total_blocks=64, block_size=4, budget=16)
+    runner = make_request(prompt=28, output=4, slo=LOOSE)
+    s.add_request(runner, 0.0)
+    run_step(s)  # 16 of 28 prompt tokens; the next step schedules its last 12 and leaves 4
+    policy = s.policy
+    original = policy.try_admit
+
+    def admit_after_evicting_runner(request, n):
+        if runner.status is Status.RUNNING:
+            s.preempt(runner, RECOMPUTE)  # as _admit_critical or _evict_guest would
+        return original(request, n)
+
+    policy.try_admit = admit_after_evicting_runner
+    first, second = make_request(prompt=4, output=2, slo=CHAT), make_request(prompt=12, output=2, slo=CHAT)
+    s.add_request(first, 0.0)
+    s.add_request(second, 0.0)
+    plan = run_step(s)
+    # runner's 12 tokens came back: first took the 4 left, second the 12 refunded.
+    assert runner.status is Status.PREEMPTED
+    assert plan.scheduled.get(first) == 4 and plan.scheduled.get(second) == 12
+
+
+def test_victims_exclude_guests_of_other_hosts():
+    """Preempting another host's guest frees nothing for the requester: only its own guests qualify."""
+    s, (small, large), guest = _two_hosts_and_a_guest(6, 20, guest_blocks=4, margin=2)
+    run_step(s)
+    assert s.ledger.shares[guest.request_id].host == small.request_id
+    guest.slo = LOOSE  # the loosest: the first victim if guests were eligible
+    assert s.policy.choose_victim(large) is not guest
+    assert s.policy.choose_victim(small) is guest
+
+
+def test_a_request_admitted_this_step_is_not_a_critical_victim():
+    """A critical admission never evicts a request admitted earlier in the same step (it
+    would count as preempted without ever running, and be exempt for good)."""
+    s = make_scheduler("cacheopt-locked", total_blocks=12, block_size=4, reserve=False, critical_admission=True,
+                       critical_extra_blocks=1, protect_steps=0, predictor=FixedPredictor(point=4, bound=4))
+    s.recent_iteration_s.append(0.5)
+    s.max_recent_iteration_s = 0.5
+    early_loose = make_request(prompt=24, output=4, slo=LOOSE, arrival_s=0.0)  # deadline 15.0
+    critical = make_request(prompt=20, output=4, slo=TIGHT, arrival_s=14.3)  # deadline 15.3, slack 0.3
+    s.add_request(early_loose, 14.3)
+    s.add_request(critical, 14.3)
+    plan = run_step(s, now_s=14.8)
+    assert early_loose in plan.admitted and early_loose.status is Status.RUNNING
+    assert early_loose.num_preemptions == 0
+
+
+def test_locked_refusal_memo_is_forgotten_when_a_preemption_frees_blocks():
+    """Within a step a refused reservation marks larger ones hopeless, until a critical
+    preemption gives blocks back."""
+    s = make_scheduler("cacheopt-locked", total_blocks=64)
+    s.policy.begin_admission()
+    s.policy._refused_target = 3
+    s.policy._on_blocks_freed()
+    assert s.policy._refused_target is None
+
+
+def test_scheduler_config_refuses_more_sequences_than_tokens():
+    """vLLM refuses max_num_seqs > max_num_batched_tokens: a step could not decode them all."""
+    from replicas.config import SchedulerConfig
+
+    with pytest.raises(ValueError, match="max_num_seqs=64 must be <= max_num_batched_tokens=32"):
+        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32)
+
+
+def test_token_budget_follows_the_tightest_not_the_loosest_slo():
+    """With a realtime (50 ms TBT: ~23 tokens) and a batch request (1 s: ~500) running, the
+    budget is the realtime one's."""
+    loose_only = make_scheduler("edf", costs=FakeCosts(), budget=512, total_blocks=256)
+    mixed = make_scheduler("edf", costs=FakeCosts(), budget=512, total_blocks=256)
+    loose_only.add_request(make_request(prompt=4, output=50, slo=LOOSE), 0.0)
+    for r in (make_request(prompt=4, output=50, slo=LOOSE), make_request(prompt=4, output=50, slo=TIGHT)):
+        mixed.add_request(r, 0.0)
+    run_step(loose_only)
+    run_step(mixed)
+    assert mixed.policy.step_token_budget() <= 23 and loose_only.policy.step_token_budget() >= 256

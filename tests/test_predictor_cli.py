@@ -37,11 +37,13 @@ def test_eval_of_a_missing_artifact_is_a_clear_error(tmp_path, capsys):
 
 
 def test_learned_predictor_runs_in_the_simulator(artifact):
-    """CacheOPT with the learned predictor replays AlpacaEval prompts it never saw, to completion."""
+    """CacheOPT with the learned predictor replays AlpacaEval prompts it never saw: every
+    request finishes or is shed after its bounded wait (1,024 blocks are contended)."""
     spec = SweepSpec(trace="alpaca", predictor="learned", artifact=artifact, policies=("cacheopt",), rates=(20.0,),
                      limit=300, setup=SimSetup(kv_blocks=1024, max_tokens=2048))
     row = run_one(spec, "cacheopt", 20.0, 0).row
-    assert row["num_finished"] == row["num_requests"] == 300
+    assert row["num_requests"] == 300
+    assert row["num_finished"] + row["shed_share"] * 300 == 300 and row["num_finished"] > 200
     assert 0.0 < row["predictor_coverage"] < 1.0
 
 

@@ -4,10 +4,10 @@ import pytest
 
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
-from bench.slo import SLO_CLASSES
 from bench.traces import TraceRequest, load_azure_trace, scale_to_rate
 from predictor.length_quantile import LengthQuantilePredictor
 from replicas.policies import ABLATION_NAMES, POLICY_NAMES
+from replicas.slo import SLO_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +19,16 @@ def small_trace():
 
 @pytest.mark.parametrize("policy", POLICY_NAMES + ABLATION_NAMES)
 def test_every_policy_finishes_a_contended_trace_with_balanced_books(small_trace, policy):
-    """Under KV pressure every request finishes with its true length; the ledger balances after every step."""
+    """Under KV pressure every request either finishes with its true length or is shed before
+    its first token (only policies that shed); the ledger balances after every step."""
     trace, predictor = small_trace
     result = simulate(trace, policy, SimSetup(kv_blocks=1024, check_invariants=True), predictor)
-    assert all(o.finish_s is not None for o in result.outcomes)
-    assert all(o.output_tokens == min(o.true_output_tokens, 1024) for o in result.outcomes)
+    served = [o for o in result.outcomes if not o.shed]
+    assert all(o.finish_s is not None for o in served)
+    assert all(o.output_tokens == min(o.true_output_tokens, 1024) for o in served)
+    assert all(o.first_token_s is None and o.output_tokens == 0 for o in result.outcomes if o.shed)
+    if policy in ("vllm", "vllm-2048", "sglang", "s3", "lcf", "past-future", "cacheopt-no_shedding"):
+        assert not any(o.shed for o in result.outcomes)
     assert len(result.outcomes) + result.num_dropped == len(trace)
 
 

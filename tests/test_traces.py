@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from bench.slo import DEFAULT_SLO_MIX, SLO_CLASSES, assign_slo, scaled_slo_classes
+from bench.slo import DEFAULT_SLO_MIX, assign_slo
+from replicas.slo import SLO_CLASSES, scaled_slo_classes
 from bench.traces import (
     TraceRequest,
     load_azure_trace,
     load_trace_file,
+    load_trace_path,
     mean_rate_rps,
     scale_to_rate,
     scale_tokens,
@@ -155,3 +159,142 @@ def test_zero_output_is_clamped_and_fraction_kept_exactly(tmp_path):
     first, second = load_trace_file(path, prefix="t")
     assert first.output_tokens == 1
     assert second.arrival_s == pytest.approx(2e-7, abs=1e-12)
+
+
+def _write_jsonl(tmp_path: Path, rows: list[dict | str], name: str = "user.jsonl") -> Path:
+    """Rows as JSON lines; a str row is written verbatim (blank lines, broken JSON)."""
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _req(ts: float, prompt: int = 10, output: int = 5, **extra) -> dict:
+    return {"timestamp": ts, "input_length": prompt, "output_length": output, **extra}
+
+
+def test_jsonl_arrivals_are_seconds_since_first_and_sorted_stably(tmp_path):
+    """Millisecond timestamps become seconds after the earliest; ties keep file order."""
+    path = _write_jsonl(tmp_path, [_req(1500), _req(1000.5), _req(1500), _req(250_000)])
+    requests = load_trace_path(path)
+    assert [r.request_id for r in requests] == ["user-000001", "user-000000", "user-000002", "user-000003"]
+    assert [r.arrival_s for r in requests] == pytest.approx([0.0, 0.4995, 0.4995, 248.9995])
+    assert requests[0].arrival_s == 0.0
+
+
+def test_jsonl_keeps_tokens_clamps_zeros_and_keeps_hash_ids(tmp_path):
+    """Token counts pass through, 0 becomes 1, hash_ids become a tuple; absent or null is None."""
+    path = _write_jsonl(tmp_path, [
+        _req(0, 300, 0, hash_ids=[7, 8, 9], session_id="ignored"),
+        _req(1, 0, 40),
+        _req(2, 5, 6, hash_ids=None),
+    ])
+    a, b, c = load_trace_path(path)
+    assert (a.prompt_tokens, a.output_tokens, a.hash_ids) == (300, 1, (7, 8, 9))
+    assert (b.prompt_tokens, b.output_tokens, b.hash_ids) == (1, 40, None)
+    assert c.hash_ids is None and c.prompt_text is None
+
+
+def test_jsonl_ids_take_prefix_and_slo_follows_data_row(tmp_path):
+    """Ids are <prefix>-<row>, rows counted without blank lines; the SLO class is assign_slo(row, seed)."""
+    path = _write_jsonl(tmp_path, [_req(5), "", _req(0), _req(9)])
+    requests = load_trace_path(path, prefix="mine", seed=4)
+    assert [r.request_id for r in requests] == ["mine-000001", "mine-000000", "mine-000002"]
+    assert [r.slo for r in requests] == [assign_slo(1, 4), assign_slo(0, 4), assign_slo(2, 4)]
+
+
+def test_csv_through_load_trace_path_equals_load_trace_file():
+    """A .csv goes to load_trace_file unchanged: the bundled Azure trace loads identically."""
+    path = Path(__file__).parents[1] / "bench" / "data" / "azure_llm_2023_conv.csv"
+    assert load_trace_path(path, prefix="conv", limit=300, seed=2) == load_trace_file(
+        path, prefix="conv", limit=300, seed=2
+    )
+    assert load_trace_path(path, limit=3)[0].request_id == "azure_llm_2023_conv-000000"
+
+
+def test_format_is_sniffed_when_the_extension_says_nothing(tmp_path):
+    """Without .csv/.jsonl/.json, a first non-empty line starting with { means JSONL, else CSV."""
+    jsonl = _write_jsonl(tmp_path, ["", _req(0, 11, 3), _req(2000, 12, 4)], name="traffic.log")
+    assert [(r.arrival_s, r.prompt_tokens) for r in load_trace_path(jsonl)] == [(0.0, 11), (2.0, 12)]
+    csv = tmp_path / "traffic.txt"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.5,374,44\n")
+    assert [(r.request_id, r.prompt_tokens) for r in load_trace_path(csv)] == [("traffic-000000", 374)]
+
+
+def test_json_extension_is_read_as_jsonl(tmp_path):
+    """A .json file is JSON lines, not one JSON document."""
+    path = _write_jsonl(tmp_path, [_req(0), _req(1)], name="trace.json")
+    assert len(load_trace_path(path)) == 2
+
+
+def test_jsonl_limit_keeps_first_file_rows_and_their_classes(tmp_path):
+    """limit=n keeps the first n rows of the file (before sorting), with the full load's classes."""
+    path = _write_jsonl(tmp_path, [_req(30), _req(10), _req(20), _req(0)])
+    full = {r.request_id: r.slo for r in load_trace_path(path)}
+    head = load_trace_path(path, limit=2)
+    assert [r.request_id for r in head] == ["user-000001", "user-000000"]
+    assert [r.arrival_s for r in head] == [0.0, 0.02]
+    assert all(r.slo == full[r.request_id] for r in head)
+    assert load_trace_path(path, limit=0) == []
+
+
+_GOOD = json.dumps(_req(0))
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"timestamp": 1, "input_length": 3,', "bad JSON"),
+        ("[1, 2, 3]", "expected a JSON object, got array"),
+        ('"hello"', "expected a JSON object, got string"),
+        ('{"timestamp": 1, "input_length": 3}', "missing field 'output_length'"),
+        ('{"input_length": 3, "output_length": 4}', "missing field 'timestamp'"),
+        ('{"timestamp": "1", "input_length": 3, "output_length": 4}', "timestamp must be a number"),
+        ('{"timestamp": 1, "input_length": "3", "output_length": 4}', "input_length must be an integer"),
+        ('{"timestamp": 1, "input_length": 3.5, "output_length": 4}', "input_length must be an integer"),
+        ('{"timestamp": -1, "input_length": 3, "output_length": 4}', "timestamp=-1 must be >= 0"),
+        ('{"timestamp": 1, "input_length": 3, "output_length": -4}', "output_length=-4 must be >= 0"),
+        ('{"timestamp": true, "input_length": 3, "output_length": 4}', "timestamp must be a number.*boolean"),
+        ('{"timestamp": 1, "input_length": false, "output_length": 4}', "input_length must be an integer.*boolean"),
+        ('{"timestamp": NaN, "input_length": 3, "output_length": 4}', "timestamp=nan must be a finite"),
+        ('{"timestamp": Infinity, "input_length": 3, "output_length": 4}', "timestamp=inf must be a finite"),
+        ('{"timestamp": 1, "input_length": 3, "output_length": 4, "hash_ids": "1,2"}', "hash_ids must be a list"),
+        ('{"timestamp": 1, "input_length": 3, "output_length": 4, "hash_ids": [1, 2.5]}', r"hash_ids\[1\] must be"),
+        ('{"timestamp": 1, "input_length": 3, "output_length": 4, "hash_ids": [true]}', r"hash_ids\[0\] must be"),
+    ],
+)
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, line, reason):
+    """Any bad line is a ValueError '<path>:<1-based line>: <reason>' (blank lines count)."""
+    path = _write_jsonl(tmp_path, [_GOOD, "", line, _GOOD])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: ") + reason):
+        load_trace_path(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("empty.jsonl", "", ":1: no requests"),
+        ("blank.log", "\n  \n\n", ":1: no requests"),
+        ("header.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", ":2: no requests"),
+    ],
+)
+def test_file_without_requests_is_an_error(tmp_path, name, text, where):
+    """An empty trace (or a CSV with only its header) is a ValueError, not an empty workload."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{path}{where}")):
+        load_trace_path(path)
+
+
+def test_missing_trace_file_is_a_value_error(tmp_path):
+    """A path that does not exist is a ValueError naming it, not FileNotFoundError."""
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_trace_path(path)
+
+
+def test_non_utf8_bytes_name_their_line(tmp_path):
+    """Undecodable bytes are a ValueError with the line they sit on."""
+    path = tmp_path / "bin.jsonl"
+    path.write_bytes(_GOOD.encode() + b"\n" + b'{"timestamp": 1\xff}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8")):
+        load_trace_path(path)

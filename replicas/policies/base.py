@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from replicas.plan import RECOMPUTE, StepPlan, blocks_for
 from replicas.request import Request
-from replicas.scheduler import RECOMPUTE, StepPlan, blocks_for
 
 if TYPE_CHECKING:
     from replicas.scheduler import ReplicaScheduler
@@ -27,6 +27,8 @@ class Policy:
     lookahead_tokens = 0  # > 0: the scheduler calls top_up_ahead this many tokens early
     recent_iters_window = 64
     reserve_fraction = 0.0  # share of the replica's blocks held back as the global reserve
+    # True: the scheduler calls on_no_token for every running request that got no token in a step.
+    wants_progress_events = False
 
     def bind(self, scheduler: ReplicaScheduler) -> None:
         self.s = scheduler
@@ -38,10 +40,17 @@ class Policy:
     def on_arrival(self, request: Request) -> None:
         """Called once when a request arrives (predictions are made here)."""
 
+    def on_enqueue(self, request: Request) -> None:
+        """Called whenever a request enters the waiting queue (arrival or preemption)."""
+
     # Waiting-queue order: None is FCFS with preempted requests in front; otherwise a
     # key function of the request whose value must not change while it waits.
     queue_key: Callable[[Request], Any] | None = None  # any sortable value, e.g. a tuple
     admission_scan_limit = 1
+
+    def requests_to_shed(self, now_s: float) -> list[Request]:
+        """Waiting requests to refuse now (vLLM: none; a request may wait forever)."""
+        return []
 
     def step_token_budget(self) -> int:
         """Tokens this step may compute (vLLM: max_num_batched_tokens, whatever the SLOs)."""
@@ -70,8 +79,7 @@ class Policy:
 
     def try_grow(self, request: Request, held_blocks: int) -> bool:
         """Let a running request hold `held_blocks`; on-demand from the free pool."""
-        share = self.ledger.shares[request.request_id]
-        missing = held_blocks - (share.reserved - share.lent)
+        missing = held_blocks - self.ledger.shares[request.request_id].room
         if missing > 0 and self.ledger.try_top_up(request.request_id, missing, use_reserve=False) is None:
             return False
         return self.ledger.try_hold(request.request_id, held_blocks)
@@ -85,6 +93,13 @@ class Policy:
 
     def preemption_mode(self, victim: Request) -> str:
         return RECOMPUTE
+
+    def on_leave(self, request: Request) -> None:
+        """A running request gave its blocks back: finished, preempted or aborted."""
+
+    def on_no_token(self, request: Request) -> None:
+        """A running request got no token this step (a prefill chunk, or no budget left);
+        only called when `wants_progress_events`."""
 
     def after_step(self, plan: StepPlan) -> None:
         """Called after every step's progress is applied."""

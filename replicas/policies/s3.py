@@ -10,7 +10,7 @@ from __future__ import annotations
 from predictor.base import OutputLengthPredictor
 from replicas.policies.base import Policy
 from replicas.request import Request
-from replicas.scheduler import blocks_for
+from replicas.plan import blocks_for
 
 
 class S3Policy(Policy):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from replicas.policies.base import Policy
 from replicas.request import Request
-from replicas.scheduler import StepPlan
+from replicas.plan import StepPlan
 
 INIT_RATIO = 0.7
 MIN_RATIO = INIT_RATIO * 0.14
