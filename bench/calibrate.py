@@ -53,7 +53,11 @@ def design_row(new: int, reqs: int, ctx: int) -> list[float]:
     return [1.0, new, reqs, ctx, attention_pairs(new, reqs, ctx)]
 
 
-def fit_linear(samples: Sequence[tuple[dict, float]], *, name: str, source: str) -> LinearLatencyModel:
+STALL_EXCESS_S = 0.025  # a step this much slower than the median fit stalled
+
+
+def fit_linear(samples: Sequence[tuple[dict, float]], *, name: str, source: str,
+               stalls: bool = False) -> LinearLatencyModel:
     """Median regression (least absolute deviations, by iteratively reweighted least
     squares) with non-negative coefficients, then every coefficient scaled by one factor so
     that the model's total time over the samples equals the measured total.
@@ -61,7 +65,11 @@ def fit_linear(samples: Sequence[tuple[dict, float]], *, name: str, source: str)
     The shape comes from the median: on a shared 2-core machine a few steps in a hundred
     stall for tens of milliseconds (the frontend process, the garbage collector), and least
     squares lets those outliers decide the coefficients. The level comes from the total:
-    throughput, and so queueing, depends on the mean step time, stalls included."""
+    throughput, and so queueing, depends on the mean step time, stalls included. With
+    `stalls`, steps more than STALL_EXCESS_S above the median fit are counted as stalls
+    (their share and mean excess become the model's stall_probability and stall_s) and
+    only the rest of the total sets the level, so that the simulator can draw the stalls
+    instead of spreading them over every step."""
     if len(samples) < 2 * len(FEATURES):
         raise ValueError(f"{len(samples)} busy steps are too few to fit {len(FEATURES)} coefficients")
     x = np.array([design_row(r["new"], r["reqs"], r["ctx"]) for r, _ in samples])
@@ -76,7 +84,16 @@ def fit_linear(samples: Sequence[tuple[dict, float]], *, name: str, source: str)
         if converged:
             break
         weights = 1.0 / np.maximum(np.abs(y - x @ coef), 1e-4)
-    stall_factor = float(y.sum() / (x @ coef).sum())
+    predicted = x @ coef
+    if stalls:
+        excess = y - predicted
+        stalled = excess > STALL_EXCESS_S
+        probability, stall_s = float(stalled.mean()), float(excess[stalled].mean()) if stalled.any() else 0.0
+        level = float((y.sum() - excess[stalled].sum()) / predicted.sum())
+        return LinearLatencyModel(name=name, source=f"{source}; median fit x {level:.3f}, {probability:.1%} of steps "
+                                  f"stall {stall_s * 1e3:.0f} ms", stall_probability=probability, stall_s=stall_s,
+                                  **{f: float(c / sc * level) for f, c, sc in zip(FEATURES, coef, scale)})
+    stall_factor = float(y.sum() / predicted.sum())
     return LinearLatencyModel(name=name, source=f"{source}; median fit x {stall_factor:.3f} for stalls",
                               **{f: float(c / sc * stall_factor) for f, c, sc in zip(FEATURES, coef, scale)})
 

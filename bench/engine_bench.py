@@ -20,17 +20,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.engine import (ADAPTER_CLS, NATIVE_CLS, EngineSetup, outcomes_of, read_step_log, replay, run_stats,
-                          start_async_engine, stop_engine)
+from bench.engine import (
+    ADAPTER_CLS,
+    NATIVE_CLS,
+    EngineSetup,
+    outcomes_of,
+    read_step_log,
+    replay,
+    run_stats,
+    start_async_engine,
+    stop_engine,
+)
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
-from replicas.slo import scaled_slo_classes
 from bench.traces import TraceRequest, load_trace, scale_to_rate, scale_tokens, split_train_test
 from predictor.length_quantile import LengthQuantilePredictor
 from replicas.config import SchedulerConfig
 from replicas.engine_settings import EngineSettings
 from replicas.latency import get_latency_model
 from replicas.policies import SIMULATOR_ONLY, check_policy_names
+from replicas.slo import scaled_slo_classes
 
 LATENCY_MODEL = "tiny-llama-cpu"
 # Fidelity compares these, simulated against measured.
@@ -185,7 +194,8 @@ def calibrate_from_steps(steps: Sequence[dict], out_dir: Path) -> dict | None:
 
     samples = step_periods(sorted(steps, key=lambda row: row["t"]))
     try:
-        fitted = fit_linear(samples, name="tiny-llama-cpu-this-run", source="vLLM's steps in this engine benchmark")
+        fitted = fit_linear(samples, name="tiny-llama-cpu-this-run", source="vLLM's steps in this engine benchmark",
+                            stalls=True)
     except ValueError:
         return None
     path = out_dir / "latency-this-run.json"
@@ -231,7 +241,6 @@ def overhead_table(schedule_s: dict[str, list[float]]) -> str:
         ordered = sorted(values)
         if not ordered:
             continue
-        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-        lines.append(f"| {policy} | {len(values)} | {1e6 * _mean(values):.0f} | {1e6 * pick(0.5):.0f} | "
-                     f"{1e6 * pick(0.95):.0f} |")
+        p50, p95 = (ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.95))
+        lines.append(f"| {policy} | {len(values)} | {1e6 * _mean(values):.0f} | {1e6 * p50:.0f} | {1e6 * p95:.0f} |")
     return "\n".join(lines)

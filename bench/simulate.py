@@ -8,6 +8,7 @@ merge of the sorted arrivals with the engine clock.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -70,15 +71,16 @@ def fits_context(item: TraceRequest, setup: SimSetup) -> bool:
 
 def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
              predictor: OutputLengthPredictor | None,
-             controller: ConfidenceController | None = None) -> SimResult:
+             controller: ConfidenceController | None = None, *, seed: int = 0) -> SimResult:
     """Replay `trace` through one replica. `controller` plays the global scheduler: it
-    hears every arrival and finish and sets the policy's confidence p (policies with a p)."""
+    hears every arrival and finish and sets the policy's confidence p (policies with a p).
+    `seed` draws the engine's stalls, for a latency model that has them."""
     started = time.perf_counter()
     latency = get_latency_model(setup.latency_model)
     block_size = setup.scheduler.block_size
     total_blocks = setup.total_blocks()
     policy = make_policy(policy_name, predictor=predictor, costs=latency, cacheopt_config=setup.cacheopt)
-    engine = SimEngine(latency, block_size)
+    engine = SimEngine(latency, block_size, rng=random.Random(seed))
     swap_blocks = total_blocks if setup.host_swap_blocks is None else setup.host_swap_blocks
     scheduler = build_scheduler(policy, total_blocks=total_blocks, config=setup.scheduler,
                                 can_swap=engine.can_swap and setup.can_swap, host_swap_blocks=swap_blocks)

@@ -16,13 +16,11 @@ from pathlib import Path
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
 from bench.traces import TraceRequest, load_trace, scale_to_rate, split_train_test
-from global_scheduler.confidence import (ConfidenceController, FeedbackConfidence, RateController,
-                                         RateTunedConfidence)
+from global_scheduler.confidence import ConfidenceController, FeedbackConfidence, RateController, RateTunedConfidence
 from predictor.base import OutputLengthPredictor
 from predictor.length_quantile import LengthQuantilePredictor
 from predictor.training import DEFAULT_ARTIFACT
 from replicas.policies import POLICY_NAMES, check_policy_names
-
 
 TRACES = ("conv", "code", "alpaca")
 PREDICTORS = ("length", "learned")
@@ -132,7 +130,7 @@ class RunOutput:
 
 def run_one(spec: SweepSpec, policy: str, rate: float, seed: int) -> RunOutput:
     requests, predictor = workload(spec, seed)
-    result = simulate(scale_to_rate(requests, rate), policy, spec.setup, predictor, controller_for(spec))
+    result = simulate(scale_to_rate(requests, rate), policy, spec.setup, predictor, controller_for(spec), seed=seed)
     row = {"policy": policy, "rate_rps": rate, "repeat": seed,
            **summarize(result.outcomes, result.stats),
            "num_dropped": result.num_dropped, "num_steps": result.num_steps, "sim_wall_s": result.wall_s}

@@ -21,8 +21,8 @@ from datetime import date
 from pathlib import Path
 
 from bench.slo import DEFAULT_SLO_MIX, make_slo_assigner
-from replicas.slo import SLO_CLASSES
 from replicas.request import Slo
+from replicas.slo import SLO_CLASSES
 
 DATA_DIR = Path(__file__).parent / "data"
 AZURE_TRACES: dict[str, str] = {

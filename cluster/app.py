@@ -27,8 +27,17 @@ from ray import serve
 
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterMetrics
-from cluster.openai_api import (ApiError, ChatRequest, CompletionRequest, PromptRenderer, completion_body,
-                                completion_chunk, new_id, parse_body, usage_chunk)
+from cluster.openai_api import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    PromptRenderer,
+    completion_body,
+    completion_chunk,
+    new_id,
+    parse_body,
+    usage_chunk,
+)
 from cluster.router import choose_replica
 from cluster.runtime import RequestShed
 from cluster.store import RedisStore, StoreUnavailable
@@ -352,6 +361,11 @@ class Ingress:
             first = None
         except RequestShed:
             return self._shed(state)
+        except asyncio.CancelledError:
+            stream.cancel()  # the client left while it waited: the engine aborts the request
+            state.span.add_event("client_disconnected")
+            self._done(state)
+            raise
         except Exception as error:  # noqa: BLE001 (a replica failure is a 503, not a stack trace)
             response = self._failed(state, error)
             self._done(state)

@@ -13,6 +13,11 @@ $SIM --replay train --policies edf,cacheopt,cacheopt-locked,cacheopt-no_reserve,
   --cacheopt-option critical_admission=true --rates 14,16,18,20 --out reports/train-critical-on
 $SIM --replay train --policies edf,cacheopt,cacheopt-locked,cacheopt-no_reserve,cacheopt-no_padding \
   --rates 14,16,18,19,20,22 --out reports/train-critical-off
+#    The bounded wait: shed after 1.5, 2, 3 or 5 times the TTFT SLO.
+for m in 1.5 2 3 5; do
+  $SIM --replay train --policies cacheopt --cacheopt-option shed_wait_ttft_multiple=$m --rates 12,16,18,20,22 \
+    --out reports/train-shed-$m
+done
 
 # 2. The headline sweeps, test split, seeds 0-2.
 $SIM --trace conv --policies $BASELINES,cacheopt,oracle --seeds 0,1,2 --rates 10,12,14,16,17,18,19,20,22 \

@@ -104,7 +104,7 @@ def data_file_digests(data_dir: Path | str = DATA_DIR, files: Sequence[str] = AL
 
 
 def split_by_prompt(
-    records: Iterable[AlpacaRecord], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
+    records: Iterable[AlpacaRecord], fractions: tuple[float, ...] = (0.6, 0.2, 0.2), seed: int = 0
 ) -> tuple[list[AlpacaRecord], list[AlpacaRecord], list[AlpacaRecord]]:
     """(train, calibration, test), split by prompt id, never by record: every generator's
     answer to one prompt lands in the same part, so no part sees another's instructions.

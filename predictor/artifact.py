@@ -72,7 +72,7 @@ def save_artifact(
     path.mkdir(parents=True, exist_ok=True)
     (path / METADATA_FILE).write_text(text + "\n", encoding="utf-8")
     with open(path / ARRAYS_FILE, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types the first keyword as allow_pickle
     return path
 
 

@@ -7,7 +7,8 @@ from typing import Protocol
 
 
 class SloLike(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
 
 class PredictionInput(Protocol):
@@ -15,11 +16,13 @@ class PredictionInput(Protocol):
 
     prompt_tokens: int
     max_tokens: int
-    slo: SloLike
     prompt_text: str | None  # None when the workload carries token counts only
     predicted_output_tokens: int  # the point estimate made at arrival (0 before)
     # Known only in simulation; only the oracle reads it.
     true_output_tokens: int | None
+
+    @property
+    def slo(self) -> SloLike: ...  # read-only here: a request's class is any object with a name
 
 
 @dataclass(frozen=True, slots=True)

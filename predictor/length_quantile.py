@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from predictor.base import LengthPrediction, PredictionInput, check_confidence
@@ -26,7 +26,7 @@ class LengthQuantilePredictor:
     name = "length"
 
     def __init__(self, lengths_by_bucket: Sequence[Sequence[int]], edges: Sequence[int] = DEFAULT_EDGES,
-                 lengths_by_class: dict[tuple[int, str], Sequence[int]] | None = None):
+                 lengths_by_class: Mapping[tuple[int, str], Sequence[int]] | None = None):
         if len(lengths_by_bucket) != len(edges) + 1:
             raise ValueError(f"{len(lengths_by_bucket)} buckets for {len(edges)} edges; need edges + 1")
         self.edges = tuple(edges)

@@ -104,7 +104,7 @@ class CacheOptConfig:
         if mechanism not in self.mechanisms():
             raise ValueError(f"unknown mechanism {mechanism!r} for the {self.design} design; choose one of "
                              f"{', '.join(self.mechanisms())}")
-        return replace(self, **{mechanism: False})
+        return replace(self, **{mechanism: False})  # type: ignore[arg-type]  # a bool field, checked above
 
 
 def config_from_mapping(cls, values: dict):

@@ -161,7 +161,8 @@ class RequestHints:
         point, bound = extra.get(XARG_POINT), extra.get(XARG_BOUND)
         forwarded = None
         if point is not None or bound is not None:
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in (point, bound)) and 1 <= point <= bound:
+            if (isinstance(point, int) and isinstance(bound, int) and not isinstance(point, bool)
+                    and not isinstance(bound, bool) and 1 <= point <= bound):
                 forwarded = (point, bound)
             else:
                 problems.append(f"{XARG_POINT}={point!r} and {XARG_BOUND}={bound!r} must be integers with "

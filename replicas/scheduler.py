@@ -244,7 +244,7 @@ class ReplicaScheduler:
                     policy.on_no_token(request)
                 continue  # a prefill chunk: no token sampled yet
             request.num_output_tokens += 1
-            if request.first_token_s is None:
+            if request.last_token_s is None:
                 request.first_token_s = end_s
             else:
                 request.token_gaps_s.append(end_s - request.last_token_s)

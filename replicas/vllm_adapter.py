@@ -43,8 +43,8 @@ from vllm.v1.request import RequestStatus
 
 from replicas.config import SchedulerConfig
 from replicas.engine_settings import SHED_STOP_REASON, EngineSettings, RequestHints, apply_control
-from replicas.request import Request
 from replicas.plan import RECOMPUTE, StepPlan
+from replicas.request import Request
 from replicas.scheduler import build_scheduler
 from replicas.snapshot import take_snapshot
 
@@ -94,8 +94,8 @@ class _Timed:
         if not self._step_log.enabled:
             return
         num_context = 0
-        for rid, n in out.num_scheduled_tokens.items():
-            num_context += self.requests[rid].num_computed_tokens  # already advanced by n
+        for rid in out.num_scheduled_tokens:
+            num_context += self.requests[rid].num_computed_tokens  # already advanced by this step's tokens
         self._step_row = {
             "t": started, "schedule_s": schedule_s, "new": out.total_num_scheduled_tokens,
             "reqs": len(out.num_scheduled_tokens), "ctx": num_context,

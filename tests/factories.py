@@ -6,9 +6,9 @@ import itertools
 
 from predictor.base import LengthPrediction
 from replicas.config import CacheOptConfig, SchedulerConfig
+from replicas.plan import RECOMPUTE, StepPlan
 from replicas.policies import make_policy
 from replicas.request import Request, Slo
-from replicas.plan import RECOMPUTE, StepPlan
 from replicas.scheduler import ReplicaScheduler, build_scheduler
 
 TIGHT = Slo("realtime", ttft_s=1.0, tbt_s=0.05)

@@ -39,6 +39,31 @@ def test_bad_input_is_one_line_not_a_traceback(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_sim_replays_a_users_trace_file(tmp_path):
+    """`--trace FILE` takes a Mooncake/AIPerf JSONL trace (ms timestamps) with a length
+    divisor; every policy of the headline runs on it."""
+    trace = tmp_path / "mine.jsonl"
+    lines = [json.dumps({"timestamp": 100 * i, "input_length": 200 + 37 * (i % 11), "output_length": 40 + 13 * (i % 7),
+                         "hash_ids": [i, i + 1]}) for i in range(400)]
+    trace.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    code = main(["sim", "--trace", str(trace), "--length-divisor", "2", "--policies", "vllm,edf,past-future,cacheopt",
+                 "--rates", "20", "--kv-blocks", "1024", "--jobs", "1", "--no-progress", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["policy"] for r in rows} == {"vllm", "edf", "past-future", "cacheopt"}
+    assert all(r["num_requests"] == 320 for r in rows)  # the test split: 80% of 400
+
+
+def test_a_malformed_trace_file_is_one_line_with_its_place(tmp_path, capsys):
+    """A broken line is reported with the file and line number, not a traceback."""
+    trace = tmp_path / "broken.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5}\n{"timestamp": 1, "input_length": 10}\n')
+    assert main(["sim", "--trace", str(trace), "--rates", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{trace}:2" in err and "output_length" in err and "Traceback" not in err
+
+
 def test_cacheopt_options_reach_the_policy(tmp_path):
     """--cacheopt-option and --confidence set CacheOptConfig fields; the summary records them."""
     out = tmp_path / "report"

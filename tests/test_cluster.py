@@ -21,8 +21,9 @@ import pytest
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from cluster.config import load_config  # noqa: E402
 from otlp_sink import SpanSink  # noqa: E402
+
+from cluster.config import load_config  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-llama"
@@ -166,6 +167,39 @@ def test_overload_gets_429_with_retry_after(cluster):
     assert codes.count(200) >= 12 and 429 in codes  # 2 replicas x 6 queued, the rest refused
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "server_overloaded"
+
+
+def test_a_request_that_cannot_start_in_time_gets_429_and_leaves_nothing(cluster):
+    """Realtime requests (TTFT 1 s) queued behind long ones are shed by the replicas'
+    policy after twice their TTFT, streamed or not: 429 with Retry-After, never a 200 that
+    ends in an error; the served ones complete; the replicas end with nothing queued. Each
+    is predicted to write 900 tokens (a forwarded prediction), so about three fit a
+    replica's 96 blocks at once and each takes seconds."""
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            def body(i):
+                return {"model": MODEL, "prompt": "x " * 50, "max_tokens": 900, "slo": "realtime",
+                        "stream": bool(i % 2), "ignore_eos": True,
+                        "vllm_xargs": {"cacheopt_point_tokens": 900, "cacheopt_bound_tokens": 900}}
+            return await asyncio.gather(*(client.post(f"{cluster['base']}/v1/completions", json=body(i))
+                                          for i in range(10)))
+    responses = asyncio.run(burst())
+    shed = [r for r in responses if r.status_code == 429 and "in time" in r.json()["error"]["message"]]
+    assert shed and all(r.headers["retry-after"] == "1" for r in shed)
+    assert {r.status_code for r in responses} <= {200, 429} and any(r.status_code == 200 for r in responses)
+    metrics = httpx.get(f"{cluster['base']}/metrics").text
+    assert any(line.startswith("cacheopt_requests_shed_total") and float(line.split()[-1]) >= len(shed)
+               for line in metrics.splitlines())
+    for index in (0, 1):
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            snap = replica_snapshot(index)
+            if snap["num_running"] == 0 and snap["num_waiting"] == 0:
+                break
+            time.sleep(0.2)
+        assert snap["num_waiting"] == 0 and snap["num_running"] == 0
+        assert snap["free_blocks"] + snap["reserve_free_blocks"] == snap["total_blocks"]
+    assert sum(replica_snapshot(i)["counters"].get("shed", 0) for i in (0, 1)) >= len(shed)
 
 
 def test_a_client_that_disconnects_frees_its_kv(cluster):

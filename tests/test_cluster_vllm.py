@@ -29,8 +29,9 @@ def engine_processes() -> list:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from cluster.serve import deploy, shutdown
     from otlp_sink import SpanSink
+
+    from cluster.serve import deploy, shutdown
 
     sink = SpanSink()
     # Ray's local workers, and the engine processes they start, inherit this environment.

@@ -6,8 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from global_scheduler.confidence import (ArrivalRateEstimator, FeedbackConfidence, FixedConfidence, RateController,
-                                        RateTunedConfidence)
+from global_scheduler.confidence import (
+    ArrivalRateEstimator,
+    FeedbackConfidence,
+    FixedConfidence,
+    RateController,
+    RateTunedConfidence,
+)
 
 
 def test_rate_estimate_of_a_steady_stream():

@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 
 from bench.calibrate import fit_linear, step_periods
-from bench.engine import outcomes_of, preemptions_from_steps, _Stream
+from bench.engine import _Stream, outcomes_of, preemptions_from_steps
 from bench.traces import TraceRequest
 from predictor.length_quantile import LengthQuantilePredictor
-from replicas.engine_settings import (XARG_BOUND, XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_POINT, XARG_SLO,
-                                      EngineSettings, ForwardedPredictor, MaxTokensPredictor, RequestHints)
+from replicas.engine_settings import (
+    XARG_BOUND,
+    XARG_CONFIDENCE,
+    XARG_MAX_TOKENS,
+    XARG_POINT,
+    XARG_SLO,
+    EngineSettings,
+    ForwardedPredictor,
+    MaxTokensPredictor,
+    RequestHints,
+)
 from replicas.latency import LinearLatencyModel, get_latency_model
 from replicas.request import Request, Slo
 
@@ -115,6 +124,45 @@ def test_calibration_fit_recovers_the_shape_despite_stalls():
     assert fitted.intercept_s / truth.intercept_s == pytest.approx(ratio, rel=0.15)
     total_fit = sum(fitted.iteration_time_s(r["new"], r["reqs"], r["ctx"]) for r, _ in rows)
     assert total_fit == pytest.approx(sum(p for _, p in rows), rel=1e-6)
+
+
+def test_calibration_fit_can_keep_stalls_apart():
+    """With stalls=True the fit finds the stalls (share and size) and keeps the steady
+    shape, so that a simulator can draw the stalls; the mean step still matches the total."""
+    rng = np.random.default_rng(1)
+    truth = LinearLatencyModel("t", 0.004, 3e-5, 2e-4, 1e-7, 0.0)
+    rows = []
+    for _ in range(2000):
+        reqs = int(rng.integers(1, 40))
+        new = reqs + int(rng.integers(0, 400))
+        ctx = new + int(rng.integers(0, 4000))
+        period = truth.iteration_time_s(new, reqs, ctx) * rng.uniform(0.97, 1.03)
+        if rng.random() < 0.02:
+            period += 0.1
+        rows.append(({"new": new, "reqs": reqs, "ctx": ctx}, period))
+    fitted = fit_linear(rows, name="fit", source="synthetic", stalls=True)
+    assert fitted.stall_probability == pytest.approx(0.02, abs=0.01) and fitted.stall_s == pytest.approx(0.1, rel=0.1)
+    assert fitted.per_new_token_s / truth.per_new_token_s == pytest.approx(1.0, rel=0.1)
+    total_fit = sum(fitted.iteration_time_s(r["new"], r["reqs"], r["ctx"]) for r, _ in rows)
+    assert total_fit == pytest.approx(sum(p for _, p in rows), rel=0.02)
+
+
+def test_the_simulated_engine_draws_stalls_from_its_seed():
+    """A stalling model makes a few long steps, reproducibly for a seed, with the mean step."""
+    import random
+
+    from replicas.plan import StepPlan
+    from replicas.request import Request, Slo
+    from replicas.sim_engine import SimEngine
+
+    model = LinearLatencyModel("s", 0.005, 0.0, 0.0, 0.0, 0.0, stall_probability=0.1, stall_s=0.05)
+    plan = StepPlan(0, scheduled={Request("r", 0.0, 8, 8, Slo("x", 1.0, 1.0)): 1})
+    durations = [SimEngine(model, 16, rng=random.Random(7)).step_duration_s(plan) for _ in range(1)]
+    engine = SimEngine(model, 16, rng=random.Random(7))
+    steps = [engine.step_duration_s(plan) for _ in range(5000)]
+    assert durations[0] == steps[0] and set(round(d, 6) for d in steps) == {0.005, 0.055}
+    assert sum(steps) / len(steps) == pytest.approx(model.iteration_time_s(1, 1, 8), rel=0.1)
+    assert SimEngine(model, 16).step_duration_s(plan) == pytest.approx(0.005 + 0.1 * 0.05)  # no rng: the mean
 
 
 def test_step_periods_keep_only_busy_steps():

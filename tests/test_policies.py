@@ -1,11 +1,10 @@
 """One behaviour per test for each policy decision (DESIGN sections 4 and 5)."""
 
 import pytest
-from factories import (CHAT, LOOSE, TIGHT, FakeCosts, FixedPredictor, held, make_request, make_scheduler,
-                       run_step)
+from factories import CHAT, LOOSE, TIGHT, FakeCosts, FixedPredictor, held, make_request, make_scheduler, run_step
 
-from replicas.request import Status
 from replicas.plan import RECOMPUTE, SWAP
+from replicas.request import Status
 
 # --- vllm -------------------------------------------------------------------------------
 
@@ -120,7 +119,7 @@ def _two_hosts_and_a_guest(spare_small_blocks, spare_large_blocks, guest_blocks,
     s = make_scheduler("cacheopt-locked", total_blocks=200, block_size=4, reserve=False, embed_margin_blocks=margin,
                        predictor=FixedPredictor(point=4, bound=4))
     hosts = []
-    for spare in (spare_small_blocks, spare_large_blocks):
+    for _ in range(2):
         host = make_request(prompt=4, output=50, max_tokens=200)
         s.add_request(host, 0.0)
         hosts.append(host)
@@ -548,3 +547,43 @@ def test_token_budget_follows_the_tightest_not_the_loosest_slo():
     run_step(loose_only)
     run_step(mixed)
     assert mixed.policy.step_token_budget() <= 23 and loose_only.policy.step_token_budget() >= 256
+
+
+# --- the stronger baselines -------------------------------------------------------------------------
+
+
+def test_vllm_2048_caps_the_step_budget_at_2048():
+    """vllm-2048 is vLLM with Sarathi's budget: min(2048, max_num_batched_tokens)."""
+    assert make_scheduler("vllm-2048", budget=8192, total_blocks=64).policy.step_token_budget() == 2048
+    assert make_scheduler("vllm-2048", budget=512, total_blocks=64).policy.step_token_budget() == 512
+
+
+def test_past_future_learns_output_lengths_from_finished_requests():
+    """The EMA starts at 2,048 tokens and moves toward finished lengths (floored at 64)."""
+    s = make_scheduler("past-future", total_blocks=400, block_size=4)
+    assert s.policy.ema_tokens == 2048
+    for _ in range(3):
+        s.add_request(make_request(prompt=4, output=100, max_tokens=200), 0.0)
+    while s.has_work:
+        run_step(s)
+    assert 100 < s.policy.ema_tokens < 2048
+
+
+def test_past_future_admits_by_the_projected_peak_not_by_what_is_free():
+    """A newcomer whose prompt fits now waits when everyone's expected growth would overflow."""
+    s = make_scheduler("past-future", total_blocks=40, block_size=4)  # 160 tokens; EMA 2048 -> max_tokens 64
+    first, second = make_request(prompt=40, output=60, max_tokens=64), make_request(prompt=40, output=60, max_tokens=64)
+    s.add_request(first, 0.0)
+    s.add_request(second, 0.0)
+    run_step(s)
+    assert first.status is Status.RUNNING and second.status is Status.WAITING  # 2 x (40 + 63 + 3) > 160
+
+
+def test_edf_keeps_vllms_kv_handling():
+    """edf admits when the whole sequence fits and holds only computed blocks (no reservation)."""
+    s = make_scheduler("edf", total_blocks=64, block_size=4)
+    r = make_request(prompt=10, output=20)
+    s.add_request(r, 0.0)
+    run_step(s)
+    share = s.ledger.shares[r.request_id]
+    assert share.held == share.reserved == 3 and s.ledger.reserve_target == 0

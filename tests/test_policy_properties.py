@@ -1,8 +1,16 @@
 """Every policy, driven by random arrivals, steps and aborts, keeps the ledger balanced and
 finishes every request it is given (no deadlock, no lost request)."""
 
-from factories import (CHAT, LOOSE, TIGHT, FakeCosts, VariedPredictor, finished_at_true_length, make_request,
-                       make_scheduler)
+from factories import (
+    CHAT,
+    LOOSE,
+    TIGHT,
+    FakeCosts,
+    VariedPredictor,
+    finished_at_true_length,
+    make_request,
+    make_scheduler,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -105,7 +105,7 @@ def test_no_cdf_plots_without_samples(tmp_path, monkeypatch):
 def test_repeats_give_mean_and_range():
     """With repeats a cell shows mean (min–max), the ratio range from paired repeats."""
     rows = make_rows(repeats=2)
-    line = next(l for l in ratio_table(rows, "vllm", 2.0).splitlines() if l.startswith("| cacheopt"))
+    line = next(row for row in ratio_table(rows, "vllm", 2.0).splitlines() if row.startswith("| cacheopt"))
     assert "| 2 | 0.167 (0.133–0.2) |" in line  # runs, TTFT p95 mean (min–max)
     assert "2.40x (2.00x–3.00x)" in line  # ratio of means 0.4 / (0.2 + 0.133) * 2; paired 2 and 3
 

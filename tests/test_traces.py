@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from bench.slo import DEFAULT_SLO_MIX, assign_slo
-from replicas.slo import SLO_CLASSES, scaled_slo_classes
 from bench.traces import (
     TraceRequest,
     load_azure_trace,
@@ -22,6 +21,7 @@ from bench.traces import (
     scale_tokens,
     split_train_test,
 )
+from replicas.slo import SLO_CLASSES, scaled_slo_classes
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ give it, someone is preempted (vLLM's victim order), possibly the request itself
 from __future__ import annotations
 
 from predictor.base import OutputLengthPredictor
+from replicas.plan import blocks_for
 from replicas.policies.base import Policy
 from replicas.request import Request
-from replicas.plan import blocks_for
 
 
 class S3Policy(Policy):

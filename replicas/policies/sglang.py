@@ -10,9 +10,9 @@ tokens, longest prompt first. Blocks are allocated on demand.
 
 from __future__ import annotations
 
+from replicas.plan import StepPlan
 from replicas.policies.base import Policy
 from replicas.request import Request
-from replicas.plan import StepPlan
 
 INIT_RATIO = 0.7
 MIN_RATIO = INIT_RATIO * 0.14
