@@ -99,6 +99,16 @@ def replica_snapshot(index: int) -> dict:
     return serve.get_deployment_handle(f"replica-{index}", app_name="cacheopt").snapshot.remote().result()
 
 
+def wait_until_idle(index: int, *, timeout_s: float) -> dict:
+    """Replica `index`'s snapshot once nothing runs or waits there (or at the timeout)."""
+    deadline = time.time() + timeout_s
+    while True:
+        snap = replica_snapshot(index)
+        if (snap["num_running"] == 0 and snap["num_waiting"] == 0) or time.time() >= deadline:
+            return snap
+        time.sleep(0.1)
+
+
 def test_non_streaming_completion_has_text_and_usage(cluster):
     out = cluster["client"].completions.create(model=MODEL, prompt="Tell me about KV caches.", max_tokens=12,
                                                extra_body={"slo": "realtime"})
@@ -191,12 +201,7 @@ def test_a_request_that_cannot_start_in_time_gets_429_and_leaves_nothing(cluster
     assert any(line.startswith("cacheopt_requests_shed_total") and float(line.split()[-1]) >= len(shed)
                for line in metrics.splitlines())
     for index in (0, 1):
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            snap = replica_snapshot(index)
-            if snap["num_running"] == 0 and snap["num_waiting"] == 0:
-                break
-            time.sleep(0.2)
+        snap = wait_until_idle(index, timeout_s=20)
         assert snap["num_waiting"] == 0 and snap["num_running"] == 0
         assert snap["free_blocks"] + snap["reserve_free_blocks"] == snap["total_blocks"]
     assert sum(replica_snapshot(i)["counters"].get("shed", 0) for i in (0, 1)) >= len(shed)
@@ -207,12 +212,7 @@ def test_a_client_that_disconnects_frees_its_kv(cluster):
                       json={"model": MODEL, "prompt": "long " * 100, "max_tokens": 900, "stream": True}) as r:
         index = int(r.headers["x-cacheopt-replica"])
         next(r.iter_lines())
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        snap = replica_snapshot(index)
-        if snap["num_running"] == 0 and snap["num_waiting"] == 0:
-            break
-        time.sleep(0.1)
+    snap = wait_until_idle(index, timeout_s=10)
     assert snap["num_running"] == 0 and snap["counters"].get("abort", 0) >= 1
     assert snap["free_blocks"] + snap["reserve_free_blocks"] == snap["total_blocks"]
 

@@ -104,18 +104,25 @@ def test_linear_latency_model_is_validated_and_never_swaps(tmp_path):
     assert 0.001 < shipped.iteration_time_s(1, 1, 256) < 0.1
 
 
-def test_calibration_fit_recovers_the_shape_despite_stalls():
-    rng = np.random.default_rng(0)
-    truth = LinearLatencyModel("t", 0.004, 3e-5, 2e-4, 1e-7, 0.0)
+def synthetic_steps(truth: LinearLatencyModel, n: int, *, seed: int, jitter: float, stall_share: float,
+                    stall_s: float = 0.1) -> list[tuple[dict, float]]:
+    """n (step shape, period) samples of `truth`, +-jitter noise, and a stall_s stall in stall_share of them."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for _ in range(600):
+    for _ in range(n):
         reqs = int(rng.integers(1, 40))
         new = reqs + int(rng.integers(0, 400))
         ctx = new + int(rng.integers(0, 4000))
-        period = truth.iteration_time_s(new, reqs, ctx) * rng.uniform(0.95, 1.05)
-        if rng.random() < 0.03:
-            period += 0.1  # a stall
+        period = truth.iteration_time_s(new, reqs, ctx) * rng.uniform(1 - jitter, 1 + jitter)
+        if rng.random() < stall_share:
+            period += stall_s
         rows.append(({"new": new, "reqs": reqs, "ctx": ctx}, period))
+    return rows
+
+
+def test_calibration_fit_recovers_the_shape_despite_stalls():
+    truth = LinearLatencyModel("t", 0.004, 3e-5, 2e-4, 1e-7, 0.0)
+    rows = synthetic_steps(truth, 600, seed=0, jitter=0.05, stall_share=0.03)
     fitted = fit_linear(rows, name="fit", source="synthetic")
     # The median shape is recovered; the level is raised so that total time matches.
     ratio = fitted.per_new_token_s / truth.per_new_token_s
@@ -129,17 +136,8 @@ def test_calibration_fit_recovers_the_shape_despite_stalls():
 def test_calibration_fit_can_keep_stalls_apart():
     """With stalls=True the fit finds the stalls (share and size) and keeps the steady
     shape, so that a simulator can draw the stalls; the mean step still matches the total."""
-    rng = np.random.default_rng(1)
     truth = LinearLatencyModel("t", 0.004, 3e-5, 2e-4, 1e-7, 0.0)
-    rows = []
-    for _ in range(2000):
-        reqs = int(rng.integers(1, 40))
-        new = reqs + int(rng.integers(0, 400))
-        ctx = new + int(rng.integers(0, 4000))
-        period = truth.iteration_time_s(new, reqs, ctx) * rng.uniform(0.97, 1.03)
-        if rng.random() < 0.02:
-            period += 0.1
-        rows.append(({"new": new, "reqs": reqs, "ctx": ctx}, period))
+    rows = synthetic_steps(truth, 2000, seed=1, jitter=0.03, stall_share=0.02)
     fitted = fit_linear(rows, name="fit", source="synthetic", stalls=True)
     assert fitted.stall_probability == pytest.approx(0.02, abs=0.01) and fitted.stall_s == pytest.approx(0.1, rel=0.1)
     assert fitted.per_new_token_s / truth.per_new_token_s == pytest.approx(1.0, rel=0.1)

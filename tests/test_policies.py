@@ -587,3 +587,16 @@ def test_edf_keeps_vllms_kv_handling():
     run_step(s)
     share = s.ledger.shares[r.request_id]
     assert share.held == share.reserved == 3 and s.ledger.reserve_target == 0
+
+
+def test_ablation_names_follow_the_configuration():
+    """A mechanism switched on by option can be ablated; one that is off is a clear error."""
+    from replicas.config import CacheOptConfig
+    from replicas.policies import ablation_names, make_policy
+
+    on = CacheOptConfig(critical_admission=True)
+    assert "cacheopt-no_critical_admission" in ablation_names(on)
+    assert "cacheopt-no_critical_admission" not in ablation_names(CacheOptConfig())
+    assert make_policy("cacheopt-no_critical_admission", predictor=FixedPredictor(), cacheopt_config=on)
+    with pytest.raises(ValueError, match="critical_admission"):
+        make_policy("cacheopt-no_critical_admission", predictor=FixedPredictor())

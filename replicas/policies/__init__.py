@@ -77,12 +77,15 @@ def ablation_names(config: CacheOptConfig = CacheOptConfig()) -> tuple[str, ...]
     return (other, *(f"cacheopt-no_{m}" for m in config.mechanisms()))
 
 
+# The ablations of the default configuration and of the locked design.
 ABLATION_NAMES = tuple(dict.fromkeys(ablation_names(CacheOptConfig(design="peak"))
                                      + ablation_names(CacheOptConfig(design="locked"))))
 
 
 def known_policy(name: str) -> bool:
-    return name in REGISTRY or name in ABLATION_NAMES
+    """A registered policy, or `cacheopt-no_<mechanism>` for any mechanism (whether the
+    configuration at hand has it on is checked when the policy is built)."""
+    return name in REGISTRY or name.removeprefix("cacheopt-no_") in CacheOptConfig.MECHANISMS
 
 
 def check_policy_names(names, *, allowed_extra: tuple[str, ...] = ()) -> None:
