@@ -108,7 +108,8 @@ def settings_for(policy: str, predictor_path: Path, classes: dict, step_log: Pat
 
 def sim_setup(spec: EngineBenchSpec) -> SimSetup:
     e = spec.engine
-    return SimSetup(latency_model=LATENCY_MODEL, kv_blocks=e.kv_blocks - 1, max_model_len=e.max_model_len,
+    return SimSetup(latency_model=LATENCY_MODEL, policy_latency_model=LATENCY_MODEL, kv_blocks=e.kv_blocks - 1,
+                    max_model_len=e.max_model_len,
                     max_tokens=spec.max_tokens, can_swap=False,
                     scheduler=SchedulerConfig(block_size=e.block_size, max_num_seqs=e.max_num_seqs,
                                               max_num_batched_tokens=e.max_num_batched_tokens))
@@ -117,8 +118,9 @@ def sim_setup(spec: EngineBenchSpec) -> SimSetup:
 def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
                      on_progress: Callable[[str], None] | None = None,
                      on_request: Callable[[], None] | None = None) -> tuple[list[dict], list[dict], dict]:
-    """Engine rows (one per policy, rate and repeat) and simulator rows (one per policy and
-    rate), and the per-policy schedule() timings {policy: [seconds per call]}.
+    """Engine rows (one per policy, rate and repeat), simulator rows (one per policy and
+    rate), and {"schedule_s": {policy: [seconds per schedule() call]}, "calibration": the
+    in-run fit (calibrate_from_steps) or None}.
 
     Every policy gets its own engine, all started before the first measured run and each
     warmed up with `warmup` requests; then the runs are interleaved: for each repeat and

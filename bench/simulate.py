@@ -31,6 +31,9 @@ class SimSetup:
     """One simulated replica. `kv_blocks=None` sizes the KV cache from GPU memory."""
 
     latency_model: str = "llama3-8b-h100"
+    # The cost model the policy plans with (step budget, swap or recompute); None: the
+    # engine's own. The engine bench sets it to what the real engine's policies use.
+    policy_latency_model: str | None = None
     kv_blocks: int | None = None
     max_model_len: int = 8192  # Llama-3-8B's context
     max_tokens: int = 1024  # per-request output cap (the Azure conv trace's longest output is 1000)
@@ -79,7 +82,8 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
     latency = get_latency_model(setup.latency_model)
     block_size = setup.scheduler.block_size
     total_blocks = setup.total_blocks()
-    policy = make_policy(policy_name, predictor=predictor, costs=latency, cacheopt_config=setup.cacheopt)
+    costs = latency if setup.policy_latency_model is None else get_latency_model(setup.policy_latency_model)
+    policy = make_policy(policy_name, predictor=predictor, costs=costs, cacheopt_config=setup.cacheopt)
     engine = SimEngine(latency, block_size, rng=random.Random(seed))
     swap_blocks = total_blocks if setup.host_swap_blocks is None else setup.host_swap_blocks
     scheduler = build_scheduler(policy, total_blocks=total_blocks, config=setup.scheduler,

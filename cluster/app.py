@@ -370,15 +370,14 @@ class Ingress:
             response = self._failed(state, error)
             self._done(state)
             return response
+        if first is not None:
+            state.on_tokens(len(first), self.metrics)  # TTFT is when it arrived, not when the response starts
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._sse(first, stream, kind, body.model, state, max_tokens, include_usage),
                                      media_type="text/event-stream", headers=headers)
         try:
-            out: list[int] = []
-            if first is not None:
-                state.on_tokens(len(first), self.metrics)
-                out += first
+            out: list[int] = list(first or ())
             async for chunk in stream:
                 state.on_tokens(len(chunk), self.metrics)
                 out += chunk
@@ -397,12 +396,12 @@ class Ingress:
 
         async def chunks():
             if first is not None:
-                yield first
+                yield first  # counted in state when it arrived
             async for chunk in stream:
+                state.on_tokens(len(chunk), self.metrics)
                 yield chunk
         try:
             async for chunk in chunks():
-                state.on_tokens(len(chunk), self.metrics)
                 produced += len(chunk)
                 finish = "length" if produced >= max_tokens else None
                 data = completion_chunk(kind, state.rid, model, created, self.renderer.decode(chunk), finish)

@@ -25,6 +25,7 @@ from cluster.config import ClusterConfig
 from replicas.config import SchedulerConfig
 from replicas.engine_settings import SHED_STOP_REASON, EngineSettings, RequestHints, apply_control
 from replicas.latency import get_latency_model
+from replicas.plan import StepPlan
 from replicas.request import Request
 from replicas.scheduler import build_scheduler
 from replicas.sim_engine import SimEngine
@@ -39,8 +40,11 @@ class RequestShed(Exception):
     token (it could no longer start in time). The ingress answers 429 with Retry-After."""
 
     def __init__(self, request_id: str):
-        super().__init__(f"request {request_id} was shed: it waited past its bound without starting")
+        super().__init__(request_id)  # the only argument, so that it pickles back as it was
         self.request_id = request_id
+
+    def __str__(self) -> str:
+        return f"request {self.request_id} was shed: it waited past its bound without starting"
 
 
 def engine_settings(config: ClusterConfig, *, snapshot_path: str | None = None) -> EngineSettings:
@@ -62,6 +66,7 @@ class SimRuntime:
         self.engine = SimEngine(self.latency, e.block_size)
         self.max_model_len = e.max_model_len
         self._queues: dict[str, asyncio.Queue] = {}
+        self._in_flight: StepPlan | None = None  # the step being "computed" (awaited) now
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -91,6 +96,10 @@ class SimRuntime:
                 produced += count
         finally:
             self._queues.pop(request_id, None)
+            mirror = self.core.requests.get(request_id)
+            if mirror is not None and self._in_flight is not None:
+                # Left during a step: that step must not advance (or release) it after the abort.
+                self._in_flight.scheduled.pop(mirror, None)
             self.core.abort(request_id)  # a no-op when it finished; frees it when the client left
 
     def _ensure_loop(self) -> None:
@@ -114,7 +123,11 @@ class SimRuntime:
                 continue
             before = {r: r.num_output_tokens for r in plan.scheduled}
             duration = self.engine.step_duration_s(plan)
-            await asyncio.sleep(duration)
+            self._in_flight = plan
+            try:
+                await asyncio.sleep(duration)
+            finally:
+                self._in_flight = None
             core.on_step_done(plan, time.time(), duration,
                               is_finished=lambda r: r.num_output_tokens >= r.true_output_tokens)
             for request, outputs in before.items():

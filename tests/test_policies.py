@@ -304,11 +304,11 @@ def test_critical_request_preempts_only_looser_slos():
 def test_late_request_is_not_critical():
     """A request whose deadline has already passed cannot be saved and preempts nobody."""
     s = make_scheduler(total_blocks=12, block_size=4, reserve=False, predictor=FixedPredictor(point=4, bound=4),
-                       shedding=False)
+                       shedding=False, critical_admission=True)
     runner = make_request(prompt=16, output=40, slo=LOOSE, max_tokens=64)
     s.add_request(runner, 0.0)
     run_step(s, now_s=0.0, duration_s=0.5)
-    late = make_request(prompt=24, output=4, slo=TIGHT, arrival_s=0.0)
+    late = make_request(prompt=32, output=4, slo=TIGHT, arrival_s=0.0)  # 8 blocks: more than are free
     s.add_request(late, 5.0)
     run_step(s, now_s=5.0)
     assert runner.status is Status.RUNNING and late.status is Status.WAITING

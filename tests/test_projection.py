@@ -115,3 +115,28 @@ def test_a_prefill_chunk_moves_the_predicted_finish_later():
     run_step(s)  # 16 of 20
     second, _ = s.policy.projection.entry(r.request_id)
     assert second == first + 1
+
+
+def test_an_idle_replica_admits_a_request_larger_than_its_projection_allows():
+    """With nobody running, a request that fits the blocks now is admitted even if its
+    bound (plus block rounding) projects past them: refusing would strand it until shed.
+    vLLM's gate admits it too."""
+    for policy in ("cacheopt", "past-future"):
+        s = make_scheduler(policy, total_blocks=16, block_size=4, reserve=False, shedding=False,
+                           predictor=FixedPredictor(point=60, bound=60))
+        big = make_request(prompt=8, output=4, max_tokens=60)  # 8 + 59 + 3 > 64 tokens
+        s.add_request(big, 0.0)
+        run_step(s)
+        assert big.status is Status.RUNNING, policy
+
+
+def test_the_peak_is_compared_in_blocks():
+    """Block rounding counts once per request: a request whose final size fills the last
+    block exactly is admitted next to one that leaves room."""
+    s = make_scheduler("cacheopt", total_blocks=20, block_size=4, reserve=False, shedding=False,
+                       predictor=FixedPredictor(point=32, bound=32))
+    first, second = make_request(prompt=8, output=32), make_request(prompt=9, output=1, max_tokens=3)
+    s.add_request(first, 0.0)  # 8 + 31 = 39 tokens + 3 rounding: 42 -> 10 blocks
+    s.add_request(second, 0.0)
+    run_step(s)
+    assert first.status is Status.RUNNING and second.first_token_s is not None

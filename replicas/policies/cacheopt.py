@@ -73,8 +73,14 @@ class CacheOptPolicy(EdfPolicy):
         remaining = max(request.bound_output_tokens - request.num_output_tokens, 1)
         return now + remaining - 1, request.num_tokens - now
 
-    def _capacity_tokens(self) -> int:
-        return (self.ledger.total_blocks - self.ledger.reserve_target) * self.block_size
+    def _fits_projection(self, entry: tuple[int, int]) -> bool:
+        """The projected peak, in blocks, stays below the replica's blocks less the reserve.
+        With nobody running the newcomer is admitted whatever its bound: refusing it would
+        leave it waiting on an idle replica until it is shed."""
+        if not self.projection:
+            return True
+        peak_blocks = self.projection.peak_with(*entry) // self.block_size
+        return peak_blocks <= self.ledger.total_blocks - self.ledger.reserve_target
 
     def begin_admission(self) -> None:
         super().begin_admission()
@@ -91,8 +97,7 @@ class CacheOptPolicy(EdfPolicy):
         if request.num_output_tokens >= request.bound_output_tokens:
             self._extend_bound(request)
         entry = self._entry(request)
-        if (self.projection.peak_with(*entry) <= self._capacity_tokens()
-                and self.ledger.try_reserve(rid, need) is not None):
+        if self._fits_projection(entry) and self.ledger.try_reserve(rid, need) is not None:
             self.s.counters["admit"] += 1
         elif self._is_critical(request) and self._admit_critical(request, need):
             self.s.counters["critical_admit"] += 1

@@ -2,10 +2,11 @@
 
 Everything of CacheOPT that is not KV management (DESIGN section 4, mechanism 4, and the
 step budget): waiting requests ordered by deadline with preempted ones first and late ones
-behind on-time ones; a critical request (about to miss its TTFT) gets a minimum allocation
-and may preempt a looser one; a request that has not started after a bounded wait is shed
-(an error the client can retry, never an unbounded wait); victims chosen lexicographically;
-each step's token budget sized to the tightest running TBT SLO. KV as vLLM does it: admit
+behind on-time ones; a request that has not started after a bounded wait is shed (an error
+the client can retry, never an unbounded wait); victims chosen lexicographically; each
+step's token budget sized to the tightest running TBT SLO; and, when switched on
+(`critical_admission`, off by default), a critical request (about to miss its TTFT) gets a
+minimum allocation and may preempt a looser one. KV as vLLM does it: admit
 when the whole sequence fits, allocate on demand, recompute. It isolates what the KV
 mechanisms add: CacheOPT (policies/cacheopt.py, a subclass) must beat it.
 """

@@ -44,11 +44,13 @@ class PastFuturePolicy(Policy):
         self.projection = PeakProjection(slack_tokens=self.block_size - 1)
         for request in self.s.running:
             self.projection.set(request.request_id, *self._entry(request))
-        self._capacity_tokens = (self.ledger.total_blocks - self.ledger.reserve_target) * self.block_size
+        self._capacity_blocks = self.ledger.total_blocks - self.ledger.reserve_target
 
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
         entry = self._entry(request)
-        if self.projection.peak_with(*entry) > self._capacity_tokens or not super().try_admit(request, num_new_tokens):
+        # With nobody running, whatever fits now is admitted (an idle replica never refuses).
+        too_big = self.projection and self.projection.peak_with(*entry) // self.block_size > self._capacity_blocks
+        if too_big or not super().try_admit(request, num_new_tokens):
             return False
         self.projection.set(request.request_id, *entry)
         return True
