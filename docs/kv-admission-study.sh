@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's figures (docs/RESULTS.md section 5): the simulated sweeps on the test split of
-# conv, code and alpaca with three seeds, and the ablation on conv. About 35 minutes on 2 cores.
+# conv, code and alpaca with three seeds, and the ablation on conv. About 45 minutes on 2 cores.
 # The choices they rest on were made on the training split first (--replay train), below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
