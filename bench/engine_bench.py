@@ -33,7 +33,7 @@ from bench.engine import (
 )
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
-from bench.traces import TraceRequest, load_trace, scale_to_rate, scale_tokens, split_train_test
+from bench.traces import AZURE_TRACES, TraceRequest, load_trace, scale_to_rate, scale_tokens, split_train_test
 from predictor.length_quantile import LengthQuantilePredictor
 from replicas.config import SchedulerConfig
 from replicas.engine_settings import EngineSettings
@@ -75,7 +75,7 @@ class EngineBenchSpec:
             raise ValueError(f"length_divisor={self.length_divisor} must be > 0")
         if not 1 <= self.max_tokens < self.engine.max_model_len:
             raise ValueError(f"max_tokens={self.max_tokens} must lie in [1, max_model_len={self.engine.max_model_len})")
-        if self.trace not in ("conv", "code") and not Path(self.trace).is_file():
+        if self.trace not in AZURE_TRACES and not Path(self.trace).is_file():
             raise ValueError(f"trace={self.trace!r} is neither conv, code nor a file")
         if self.engine.kv_blocks is None:
             raise ValueError("the benchmark forces KV pressure: give the engine a kv_blocks count")
@@ -206,6 +206,24 @@ def calibrate_from_steps(steps: Sequence[dict], out_dir: Path) -> dict | None:
             "shipped": fit_errors(get_latency_model(LATENCY_MODEL), samples)}
 
 
+def describe_calibration(calibration: dict | None) -> tuple[str, str | None]:
+    """What the simulated side ran on, for the report, and a warning when the shipped fit
+    is off for this machine (median step 30% off, or total time 15% off), else None."""
+    if calibration is None:
+        return ("the shipped `tiny-llama-cpu` fit (vLLM's own scheduler was not in the run, so there was nothing "
+                "to calibrate on)"), None
+    shipped, fitted = calibration["shipped"], calibration["fitted"]
+    note = (f"a fit to vLLM's own {fitted['steps']:.0f} busy steps of this run (`{calibration['path'].name}`; "
+            f"median error {fitted['median_abs_rel_error']:.0%}). The shipped `tiny-llama-cpu` fit is off by "
+            f"{shipped['median_abs_rel_error']:.0%} at the median step here, total time x "
+            f"{shipped['total_time_ratio']:.2f}")
+    if shipped["median_abs_rel_error"] <= 0.3 and abs(shipped["total_time_ratio"] - 1) <= 0.15:
+        return note, None
+    return note, (f"the shipped tiny-llama-cpu latency fit is off on this machine (median step error "
+                  f"{shipped['median_abs_rel_error']:.0%}, total time x {shipped['total_time_ratio']:.2f}); the "
+                  "simulated side used this run's own fit; `cacheopt calibrate` refits the shipped one")
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -229,7 +247,6 @@ def fidelity_table(engine_rows: Sequence[dict], sim_rows: Sequence[dict]) -> tup
             if m.endswith("_s"):
                 total += 1
                 within += abs(ratio - 1) <= 0.15
-            if m.endswith("_s"):
                 cells.append(f"{measured * 1e3:.0f} / {simulated * 1e3:.0f} ms ({ratio:.2f})")
             else:
                 cells.append(f"{measured:.0f} / {simulated:.0f} ({ratio:.2f})")

