@@ -17,6 +17,7 @@ from bench.traces import TraceRequest
 from global_scheduler.confidence import ConfidenceController
 from predictor.base import OutputLengthPredictor
 from replicas.config import CacheOptConfig, SchedulerConfig
+from replicas.kv_blocks import SimBlockPool
 from replicas.latency import get_latency_model
 from replicas.policies import make_policy
 from replicas.request import Request
@@ -39,6 +40,9 @@ class SimSetup:
     max_tokens: int = 1024  # per-request output cap (the Azure conv trace's longest output is 1000)
     host_swap_blocks: int | None = None  # None: as many as the GPU has
     can_swap: bool = True  # False: an engine that only recomputes (vLLM V1)
+    # vLLM's default: prompts hit cached blocks of a shared prefix (the trace's hash_ids)
+    # and a recomputed request its own blocks while they stay cached (replicas/kv_blocks.py).
+    prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cacheopt: CacheOptConfig = field(default_factory=CacheOptConfig)
     check_invariants: bool = False  # ledger.check_invariants() after every step (tests)
@@ -86,15 +90,18 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
     policy = make_policy(policy_name, predictor=predictor, costs=costs, cacheopt_config=setup.cacheopt)
     engine = SimEngine(latency, block_size, rng=random.Random(seed))
     swap_blocks = total_blocks if setup.host_swap_blocks is None else setup.host_swap_blocks
+    pool = SimBlockPool(total_blocks, block_size) if setup.prefix_caching else None
     scheduler = build_scheduler(policy, total_blocks=total_blocks, config=setup.scheduler,
-                                can_swap=engine.can_swap and setup.can_swap, host_swap_blocks=swap_blocks)
+                                can_swap=engine.can_swap and setup.can_swap, host_swap_blocks=swap_blocks,
+                                pool=pool)
     ledger = scheduler.ledger
 
     kept = [item for item in trace if fits_context(item, setup)]
     requests = [Request(request_id=item.request_id, arrival_s=item.arrival_s, prompt_tokens=item.prompt_tokens,
                         max_tokens=min(setup.max_tokens, setup.max_model_len - item.prompt_tokens),
                         slo=item.slo, true_output_tokens=min(item.output_tokens, setup.max_tokens),
-                        prompt_text=item.prompt_text)
+                        prompt_text=item.prompt_text,
+                        prefix_keys=item.prefix_keys(block_size) if setup.prefix_caching else None)
                 for item in kept]
     tunable = controller is not None and hasattr(policy, "set_confidence")
     requests.sort(key=lambda r: r.arrival_s)
@@ -140,6 +147,7 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
         num_steps += 1
         if setup.check_invariants:
             ledger.check_invariants()
+            scheduler.check_blocks()
 
     counters = dict(scheduler.counters)
     stats = RunStats(

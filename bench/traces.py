@@ -30,6 +30,7 @@ AZURE_TRACES: dict[str, str] = {
     "code": "azure_llm_2023_code.csv",
 }
 AZURE_HEADER = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+MOONCAKE_HASH_BLOCK_TOKENS = 512  # Mooncake's traces hash the prompt in blocks of 512 tokens
 
 # `2023-11-16 18:15:46.6805900`: Azure writes 7 fractional digits, one more than datetime
 # parses, so the timestamp is split by hand and kept in integer nanoseconds (exact).
@@ -47,10 +48,27 @@ class TraceRequest:
     # The prompt itself, for predictors that read text (bench.alpaca_workload); the Azure
     # traces carry token counts only, so None there.
     prompt_text: str | None = None
-    # One id per KV block of the prompt (Mooncake / AIPerf traces; equal leading ids mean a
-    # shared prefix), kept for prefix-reuse policies. Nothing reads it yet; None when the
+    # One id per `hash_block_tokens` of the prompt (Mooncake / AIPerf traces, the session
+    # workload): equal ids at a position mean equal prompts up to the end of that block
+    # (an id names its whole prefix, as a chained hash does). The simulator turns them
+    # into prefix-cache keys (prefix_keys), the engine bench into token ids. None when the
     # trace has no block ids. Last, so positional construction elsewhere keeps working.
     hash_ids: tuple[int, ...] | None = None
+    hash_block_tokens: int = MOONCAKE_HASH_BLOCK_TOKENS
+
+    def prefix_keys(self, block_size: int) -> tuple[tuple[int, int], ...] | None:
+        """Prefix-cache keys of the prompt's blocks of `block_size` tokens that lie inside
+        its hashed part: block i is named by the id of the hashed block holding its last
+        token and that token's offset in it, which names the prefix up to there."""
+        if not self.hash_ids:
+            return None
+        hashed = min(self.prompt_tokens, len(self.hash_ids) * self.hash_block_tokens)
+        keys = []
+        for i in range(hashed // block_size):
+            last = (i + 1) * block_size - 1
+            j = last // self.hash_block_tokens
+            keys.append((self.hash_ids[j], last - j * self.hash_block_tokens))
+        return tuple(keys)
 
 
 def load_azure_trace(
@@ -349,7 +367,9 @@ def scale_tokens(
         if max_context is not None and prompt + output > max_context:
             output = min(output, max_context - 1)
             prompt = max_context - output
-        scaled.append(dataclasses.replace(r, prompt_tokens=prompt, output_tokens=output))
+        # Hashed blocks shrink with the prompt (at least one token each), so shared prefixes stay shared.
+        hash_block = max(1, math.floor(r.hash_block_tokens / divisor + 0.5))
+        scaled.append(dataclasses.replace(r, prompt_tokens=prompt, output_tokens=output, hash_block_tokens=hash_block))
     return scaled
 
 

@@ -18,6 +18,7 @@ Every mutating method either succeeds or changes nothing and returns False/None.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -118,20 +119,35 @@ class KVLedger:
 
     # --- release -------------------------------------------------------------------
 
-    def release(self, rid: str) -> list[str]:
+    def release(self, rid: str, inherited: Mapping[str, int] | None = None) -> list[str]:
         """Drop `rid`'s share. A guest's blocks return to its host's idle promise; a host's
-        guests keep their blocks, which become their own. Returns the freed guests."""
+        guests keep their blocks, which become their own. `inherited`: blocks of `rid`
+        that other holders of a shared prefix still hold, per heir (kv_blocks.py); they
+        stay in use, charged to the heir, whose reservation grows to cover them. Returns
+        the freed guests."""
         s = self.shares.pop(rid)
         self.held_total -= s.held
+        passed_on = sum(inherited.values()) if inherited else 0
+        if passed_on > s.held:
+            raise ValueError(f"request {rid} passes on {passed_on} blocks but holds {s.held}")
         if s.host is not None:
             host = self.shares[s.host]
             host.guests.discard(rid)
             host.lent -= s.reserved
-            return []
-        freed = sorted(s.guests)
-        for gid in freed:
-            self.shares[gid].host = None
-        self._give_back(s.room)
+            host.reserved -= passed_on  # the blocks stay in use: out of the host's promise
+            freed = []
+        else:
+            freed = sorted(s.guests)
+            for gid in freed:
+                self.shares[gid].host = None
+            self._give_back(s.room - passed_on)
+        for heir, n in (inherited or {}).items():
+            h = self.shares[heir]
+            if h.host is not None:
+                self._detach(heir, h)
+            h.reserved += n
+            h.held += n
+            self.held_total += n
         return freed
 
     # --- swap space on the host --------------------------------------------------------

@@ -39,9 +39,13 @@ class Request:
     prompt_text: str | None = None  # for text-based predictors; None for token-count traces
     # (point, bound) predicted upstream and sent with the request (engine_settings.ForwardedPredictor).
     forwarded_prediction: tuple[int, int] | None = None
+    # Simulator only: prefix-cache keys of the prompt's shareable blocks (replicas/kv_blocks.py).
+    prefix_keys: tuple | None = None
 
     num_computed_tokens: int = 0
     num_output_tokens: int = 0
+    # Prefix caching: blocks of its table charged to other holders (replicas/kv_blocks.py).
+    num_shared_blocks: int = 0
 
     # Prediction, refreshed by the policy: point estimate and padded bound U_p (tokens).
     predicted_output_tokens: int = 0

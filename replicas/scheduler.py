@@ -5,6 +5,14 @@ growing allocations as tokens are computed, preempting, finishing); the policy o
 decisions (whom to admit with how much, how a running request gets more blocks, whom to
 preempt, swap or recompute). The same objects run inside the simulator and, through the
 vLLM adapter, inside a real engine.
+
+With a physical block pool (`pool`, replicas/kv_blocks.py) the scheduler also places the
+blocks as it plans, in the order it plans: a waiting request without computed tokens
+looks its prefix up first (a hit counts as computed, and blocks somebody holds are not
+charged to it), and every allocation and release goes to the pool at once, so that a
+later admission in the same step sees the blocks an earlier one cached or freed. The
+ledger then counts charged blocks, and `check_blocks` holds it to the pool's tables.
+Without a pool (the simulator with prefix caching off) blocks are counted only.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from replicas.config import SchedulerConfig
+from replicas.kv_blocks import BlockPool, BlockTables
 from replicas.ledger import KVLedger
 from replicas.plan import SWAP, StepPlan, blocks_for
 from replicas.request import Request, Status
@@ -24,11 +33,14 @@ if TYPE_CHECKING:
 
 
 class ReplicaScheduler:
-    def __init__(self, config: SchedulerConfig, policy: Policy, ledger: KVLedger, *, can_swap: bool = False):
+    def __init__(self, config: SchedulerConfig, policy: Policy, ledger: KVLedger, *, can_swap: bool = False,
+                 pool: BlockPool | None = None):
         self.config = config
         self.policy = policy
         self.ledger = ledger
         self.can_swap = can_swap
+        self.pool = pool
+        self.tables = BlockTables() if pool is not None else None
         self.waiting: list[Request] = []  # new and preempted requests, in the policy's queue order
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
@@ -96,7 +108,7 @@ class ReplicaScheduler:
             share = shares[request.request_id]
             if lookahead and share.room * block_size < end + lookahead:
                 policy.top_up_ahead(request, end)
-            need = -(-end // block_size)
+            need = -(-end // block_size) - request.num_shared_blocks
             if need > share.held and not self.ledger.try_hold(request.request_id, need):
                 num_preempted = len(plan.preempted)
                 while not policy.try_grow(request, need):
@@ -104,12 +116,16 @@ class ReplicaScheduler:
                     self.preempt(victim, policy.preemption_mode(victim))
                     if victim is request:
                         break
+                    # The victim may have left it blocks of a shared prefix (charged to it now).
+                    need = -(-end // block_size) - request.num_shared_blocks
                 budget += plan.refunded_tokens  # victims scheduled earlier in this step give theirs back
                 plan.refunded_tokens = 0
                 if request.status is not Status.RUNNING:
                     continue  # it preempted itself; running[i] is already the next one
                 if len(plan.preempted) > num_preempted:
                     i = running.index(request)  # victims before it shifted it left
+            if self.pool is not None:
+                self._place(request, n)
             plan.scheduled[request] = n
             budget -= n
             i += 1
@@ -146,12 +162,15 @@ class ReplicaScheduler:
                 break
             if request.status is Status.RUNNING:
                 continue  # seen twice: a critical admission queued its victims mid-scan
+            hits = self._look_up_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             accepted = policy.try_admit(request, n)
             if plan.refunded_tokens:  # a critical admission preempted someone scheduled this step
                 budget += plan.refunded_tokens
                 plan.refunded_tokens = 0
             if not accepted:
+                if hits:
+                    request.num_computed_tokens = request.num_shared_blocks = 0
                 num_refused += 1
                 if policy.head_of_line_blocking or num_refused >= policy.admission_scan_limit:
                     break
@@ -163,6 +182,13 @@ class ReplicaScheduler:
             if request.status is Status.PREEMPTED:
                 request.resumed_step = self.step_index
                 self.counters["resume"] += 1
+            if self.pool is not None:
+                if hits:
+                    self._charge_freed_hits(request, hits)
+                self._place(request, n, hits)
+                if hits is not None:
+                    self.counters["prefix_query_tokens"] += request.num_tokens
+                    self.counters["prefix_hit_tokens"] += len(hits) * self.config.block_size
             request.status = Status.RUNNING
             self.running.append(request)
             plan.scheduled[request] = n
@@ -170,6 +196,56 @@ class ReplicaScheduler:
             admitted.append(request)
         for request in admitted:
             self._dequeue(request)
+
+    def _look_up_prefix(self, request: Request) -> list[int] | None:
+        """A request without computed tokens (new, or preempted to recompute) starts from
+        its longest cached prefix, as in vLLM: the hit counts as computed, and the hit
+        blocks somebody holds are not charged to it. None when there was no lookup."""
+        if self.pool is None or request.num_computed_tokens or request.swapped_blocks:
+            return None
+        assert self.tables is not None
+        hits = self.pool.lookup(request)
+        request.num_computed_tokens = len(hits) * self.config.block_size
+        request.num_shared_blocks = self.tables.num_held_by_others(hits)
+        return hits
+
+    def _charge_freed_hits(self, request: Request, hits: list[int]) -> None:
+        """A critical admission may have preempted the only other holder of some hit
+        blocks: they are the newcomer's now, and its share grows to cover them (from the
+        blocks the victim gave back)."""
+        assert self.tables is not None
+        shared = self.tables.num_held_by_others(hits)
+        extra = request.num_shared_blocks - shared
+        if extra <= 0:
+            return
+        rid = request.request_id
+        share = self.ledger.shares[rid]
+        missing = share.held + extra - share.room
+        if missing > 0 and self.ledger.try_top_up(rid, missing, use_reserve=True) is None:
+            raise AssertionError(f"{rid}: no blocks for {extra} prefix blocks its critical admission freed")
+        self.ledger.try_hold(rid, share.held + extra)
+        request.num_shared_blocks = shared
+
+    def _place(self, request: Request, n: int, hits: list[int] | None = None) -> None:
+        """Allocate in the pool what the ledger granted: slots for `n` more tokens."""
+        assert self.tables is not None and self.pool is not None
+        self.tables.record(request.request_id, self.pool.allocate(request, hits or [], n))
+
+    def check_blocks(self) -> None:
+        """The ledger's charges are the tables' (raises AssertionError): every running
+        request holds the blocks of its tokens, and is charged for those nobody else was."""
+        if self.tables is None:
+            return
+        block_size = self.config.block_size
+        for request in self.running:
+            rid = request.request_id
+            table = self.tables.tables.get(rid, ())
+            charged = self.tables.charged.get(rid, 0)
+            assert len(table) >= blocks_for(request.num_computed_tokens, block_size), (rid, len(table))
+            assert charged == self.ledger.shares[rid].held, (rid, charged, self.ledger.shares[rid].held)
+            assert charged == len(table) - request.num_shared_blocks, (rid, charged, len(table), request.num_shared_blocks)
+        assert set(self.tables.tables) == {r.request_id for r in self.running}, "tables of requests not running"
+        assert self.tables.num_in_use == self.ledger.held_total, (self.tables.num_in_use, self.ledger.held_total)
 
     def _dequeue(self, request: Request) -> None:
         key = self.policy.queue_key
@@ -202,7 +278,7 @@ class ReplicaScheduler:
             if victim in plan.admitted:
                 raise AssertionError(f"{victim.request_id} was admitted this step; the policy must not evict it")
             plan.refunded_tokens += plan.scheduled.pop(victim, 0)
-        self._release(victim)
+        self._release(victim, preempted=True)
         self.running.remove(victim)
         if mode == SWAP:
             victim.swapped_blocks = blocks_for(victim.num_computed_tokens, self.config.block_size)
@@ -221,10 +297,21 @@ class ReplicaScheduler:
         if plan is not None:
             plan.preempted.append((victim, mode))
 
-    def _release(self, request: Request) -> None:
+    def _release(self, request: Request, *, preempted: bool = False) -> None:
+        inherited = None
+        if self.pool is not None:
+            assert self.tables is not None
+            self.pool.free(request, preempted=preempted)
+            inherited = self.tables.drop(request.request_id)
+            request.num_shared_blocks = 0
         # A host's guests keep their blocks, which become their own (ledger.release).
-        self.counters["guest_rehomed"] += len(self.ledger.release(request.request_id))
+        self.counters["guest_rehomed"] += len(self.ledger.release(request.request_id, inherited))
         self.policy.on_leave(request)
+        if inherited:
+            for heir_id, n in inherited.items():
+                heir = self.requests[heir_id]
+                heir.num_shared_blocks -= n
+                self.policy.on_charge_inherited(heir)
 
     def on_step_done(self, plan: StepPlan, end_s: float, duration_s: float,
                      is_finished: Callable[[Request], bool]) -> list[Request]:
@@ -266,8 +353,9 @@ class ReplicaScheduler:
 
 
 def build_scheduler(policy: Policy, *, total_blocks: int, config: SchedulerConfig = SchedulerConfig(),
-                    can_swap: bool = False, host_swap_blocks: int = 0) -> ReplicaScheduler:
+                    can_swap: bool = False, host_swap_blocks: int = 0,
+                    pool: BlockPool | None = None) -> ReplicaScheduler:
     """A scheduler over a fresh ledger whose global reserve is sized for the policy."""
     ledger = KVLedger(total_blocks, reserve_blocks=int(total_blocks * policy.reserve_fraction),
                       host_swap_blocks=host_swap_blocks if can_swap else 0)
-    return ReplicaScheduler(config, policy, ledger, can_swap=can_swap)
+    return ReplicaScheduler(config, policy, ledger, can_swap=can_swap, pool=pool)

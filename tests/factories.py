@@ -6,6 +6,7 @@ import itertools
 
 from predictor.base import LengthPrediction
 from replicas.config import CacheOptConfig, SchedulerConfig
+from replicas.kv_blocks import SimBlockPool
 from replicas.plan import RECOMPUTE, StepPlan
 from replicas.policies import make_policy
 from replicas.request import Request, Slo
@@ -19,9 +20,9 @@ _ids = itertools.count()
 
 
 def make_request(prompt: int = 8, output: int = 8, *, slo: Slo = CHAT, arrival_s: float = 0.0,
-                 max_tokens: int = 64, rid: str | None = None) -> Request:
+                 max_tokens: int = 64, rid: str | None = None, prefix_keys: tuple | None = None) -> Request:
     return Request(request_id=rid or f"r{next(_ids)}", arrival_s=arrival_s, prompt_tokens=prompt,
-                   max_tokens=max_tokens, slo=slo, true_output_tokens=output)
+                   max_tokens=max_tokens, slo=slo, true_output_tokens=output, prefix_keys=prefix_keys)
 
 
 class FixedPredictor:
@@ -70,12 +71,15 @@ class FakeCosts:
 
 def make_scheduler(policy: str = "cacheopt", *, total_blocks: int = 64, block_size: int = 4,
                    predictor=None, costs=None, can_swap: bool = False, host_swap_blocks: int = 0,
-                   budget: int = 64, max_num_seqs: int = 64, **cacheopt) -> ReplicaScheduler:
+                   budget: int = 64, max_num_seqs: int = 64, prefix_caching: bool = False,
+                   **cacheopt) -> ReplicaScheduler:
+    """`prefix_caching`: blocks are placed in a SimBlockPool (request.prefix_keys hit)."""
     config = SchedulerConfig(block_size=block_size, max_num_seqs=min(max_num_seqs, budget), max_num_batched_tokens=budget)
     policy_obj = make_policy(policy, predictor=predictor or FixedPredictor(), costs=costs,
                              cacheopt_config=CacheOptConfig(**cacheopt))
+    pool = SimBlockPool(total_blocks, block_size) if prefix_caching else None
     return build_scheduler(policy_obj, total_blocks=total_blocks, config=config, can_swap=can_swap,
-                           host_swap_blocks=host_swap_blocks)
+                           host_swap_blocks=host_swap_blocks, pool=pool)
 
 
 def finished_at_true_length(request: Request) -> bool:

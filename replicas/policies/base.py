@@ -69,8 +69,9 @@ class Policy:
 
         Like vLLM 0.32 with its default `scheduler_reserve_full_isl=True`: admit only if the
         whole sequence so far fits in the free blocks, though only the next chunk is
-        allocated (`allocate_slots(..., full_sequence_must_fit=True)`)."""
-        if blocks_for(request.num_tokens, self.block_size) > self.ledger.free:
+        allocated (`allocate_slots(..., full_sequence_must_fit=True)`); a prefix hit on
+        blocks somebody holds costs nothing, as in vLLM's count."""
+        if self._own_blocks(request, request.num_tokens) > self.ledger.free:
             return False
         blocks = self._blocks_after(request, num_new_tokens)
         return self._admit_reserving(request, held_blocks=blocks, reserved_blocks=blocks)
@@ -97,6 +98,10 @@ class Policy:
     def on_leave(self, request: Request) -> None:
         """A running request gave its blocks back: finished, preempted or aborted."""
 
+    def on_charge_inherited(self, request: Request) -> None:
+        """Blocks of a shared prefix that another holder was charged for are now this
+        running request's (that holder left; replicas/kv_blocks.py)."""
+
     def on_no_token(self, request: Request) -> None:
         """A running request got no token this step (a prefill chunk, or no budget left);
         only called when `wants_progress_events`."""
@@ -115,4 +120,10 @@ class Policy:
         return True
 
     def _blocks_after(self, request: Request, num_new_tokens: int) -> int:
-        return blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
+        return self._own_blocks(request, request.num_computed_tokens + num_new_tokens)
+
+    def _own_blocks(self, request: Request, num_tokens: int) -> int:
+        """Blocks charged to `request` when it holds `num_tokens` tokens: under prefix
+        caching, blocks of its table charged to another holder cost it nothing
+        (replicas/kv_blocks.py)."""
+        return max(blocks_for(num_tokens, self.block_size) - request.num_shared_blocks, 0)

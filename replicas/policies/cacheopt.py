@@ -68,10 +68,11 @@ class CacheOptPolicy(EdfPolicy):
 
     def _entry(self, request: Request) -> tuple[int, int]:
         """(last step, offset) in the projection's terms: after the step being planned it
-        holds its tokens so far, one more per step until its bound (projection.py)."""
+        holds its tokens so far, one more per step until its bound (projection.py). Blocks
+        charged to another holder of a shared prefix are that holder's (kv_blocks.py)."""
         now = self.s.step_index
         remaining = max(request.bound_output_tokens - request.num_output_tokens, 1)
-        return now + remaining - 1, request.num_tokens - now
+        return now + remaining - 1, request.num_tokens - request.num_shared_blocks * self.block_size - now
 
     def _fits_projection(self, entry: tuple[int, int]) -> bool:
         """The projected peak, in blocks, stays below the replica's blocks less the reserve.
@@ -120,6 +121,10 @@ class CacheOptPolicy(EdfPolicy):
 
     def on_leave(self, request: Request) -> None:
         self.projection.discard(request.request_id)
+
+    def on_charge_inherited(self, request: Request) -> None:
+        if request.request_id in self.projection:
+            self.projection.set(request.request_id, *self._entry(request))
 
     def on_no_token(self, request: Request) -> None:
         # Its last step moves one step later (the scheduler has already counted this step).

@@ -12,7 +12,6 @@ docs/RESULTS.md: a reservation locks blocks that a request fills only much later
 
 from __future__ import annotations
 
-from replicas.plan import blocks_for
 from replicas.policies.cacheopt import CacheOptPolicy
 from replicas.request import Request
 
@@ -26,7 +25,7 @@ class LockedCacheOptPolicy(CacheOptPolicy):
         self.lookahead_tokens = self.config.topup_lookahead_iters if self.config.topup else 0
 
     def _target_blocks(self, request: Request) -> int:
-        return blocks_for(request.prompt_tokens + request.bound_output_tokens, self.block_size)
+        return self._own_blocks(request, request.prompt_tokens + request.bound_output_tokens)
 
     def begin_admission(self) -> None:
         super().begin_admission()
@@ -78,7 +77,7 @@ class LockedCacheOptPolicy(CacheOptPolicy):
             if share.host is not None:
                 continue
             host_end = min(host.num_tokens + guest_life, host.prompt_tokens + host.bound_output_tokens)
-            future_held = max(share.held, blocks_for(host_end, self.block_size))
+            future_held = max(share.held, self._own_blocks(host, host_end))
             spare = share.room - future_held
             if spare - target >= margin and (best_spare is None or spare < best_spare):
                 best_host, best_spare = host, spare
@@ -93,7 +92,7 @@ class LockedCacheOptPolicy(CacheOptPolicy):
         if request.bound_output_tokens - request.num_output_tokens < self.lookahead_tokens:
             self._extend_bound(request)
         room = self.ledger.shares[request.request_id].room
-        soon = blocks_for(tokens_after_step + self.lookahead_tokens, self.block_size)
+        soon = self._own_blocks(request, tokens_after_step + self.lookahead_tokens)
         for want in (max(soon, self._target_blocks(request)) - room, soon - room):
             if want <= 0:
                 return

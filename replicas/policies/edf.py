@@ -21,7 +21,6 @@ from collections.abc import Iterable, Iterator
 
 from replicas.config import CacheOptConfig
 from replicas.latency import LatencyModel
-from replicas.plan import blocks_for
 from replicas.policies.base import Policy
 from replicas.request import Request, Status
 
@@ -157,7 +156,7 @@ class EdfPolicy(Policy):
         reserve, and then by preempting one request per step with a strictly looser TBT
         SLO that has not been preempted before (bounded churn). Never a guest (its blocks
         would return to its host, not to the free pool) nor a request admitted this step."""
-        minimum = max(need, blocks_for(request.num_tokens, self.block_size) + self.config.critical_extra_blocks)
+        minimum = max(need, self._own_blocks(request, request.num_tokens) + self.config.critical_extra_blocks)
         rid = request.request_id
         shares = self.ledger.shares
         while True:

@@ -37,7 +37,7 @@ class PastFuturePolicy(Policy):
         now = self.s.step_index
         g = request.num_output_tokens
         expected = min(request.max_tokens, max(int(GROWTH * g), int(self.ema_tokens)))
-        return now + max(expected - g, 1) - 1, request.num_tokens - now
+        return now + max(expected - g, 1) - 1, request.num_tokens - request.num_shared_blocks * self.block_size - now
 
     def begin_admission(self) -> None:
         # The estimate moves with the EMA and with each request's output: project afresh.

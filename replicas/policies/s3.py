@@ -8,7 +8,6 @@ give it, someone is preempted (vLLM's victim order), possibly the request itself
 from __future__ import annotations
 
 from predictor.base import OutputLengthPredictor
-from replicas.plan import blocks_for
 from replicas.policies.base import Policy
 from replicas.request import Request
 
@@ -26,7 +25,7 @@ class S3Policy(Policy):
 
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
         need = self._blocks_after(request, num_new_tokens)
-        target = blocks_for(request.prompt_tokens + request.bound_output_tokens, self.block_size)
+        target = self._own_blocks(request, request.prompt_tokens + request.bound_output_tokens)
         return self._admit_reserving(request, held_blocks=need, reserved_blocks=max(need, target))
 
     def try_grow(self, request: Request, held_blocks: int) -> bool:
@@ -34,7 +33,7 @@ class S3Policy(Policy):
         room = share.reserved - share.lent
         if held_blocks > room:
             doubled = min(request.max_tokens, 2 * max(request.bound_output_tokens, request.num_output_tokens + 1))
-            want = max(held_blocks, blocks_for(request.prompt_tokens + doubled, self.block_size)) - room
+            want = max(held_blocks, self._own_blocks(request, request.prompt_tokens + doubled)) - room
             if self.ledger.try_top_up(request.request_id, want, use_reserve=False) is None:
                 return False
             request.bound_output_tokens = doubled
