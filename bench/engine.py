@@ -61,6 +61,7 @@ class EngineSetup:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     random_weights: bool = True  # load_format=dummy; False loads the model directory's weights
+    prefix_caching: bool = True  # vLLM's default; False is the setting of the runs before issue 10
 
     def __post_init__(self) -> None:
         if not (self.model / "config.json").is_file():
@@ -77,7 +78,7 @@ class EngineSetup:
                     dtype="float32" if self.random_weights else "auto",
                     max_model_len=self.max_model_len, block_size=self.block_size,
                     num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
-                    max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=False,
+                    max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=self.prefix_caching,
                     enable_chunked_prefill=True, async_scheduling=False, scheduler_cls=scheduler_cls,
                     additional_config=settings.as_additional_config(), disable_log_stats=True)
 
@@ -102,6 +103,23 @@ def prompt_token_ids(index: int, num_tokens: int, vocab_size: int) -> list[int]:
     """Arbitrary but reproducible ids, clear of the special tokens (0-2)."""
     rng = random.Random(index)
     return [rng.randrange(3, vocab_size) for _ in range(num_tokens)]
+
+
+def trace_prompt_token_ids(index: int, request: TraceRequest, vocab_size: int) -> list[int]:
+    """The prompt of a trace request: where the trace names its blocks (`hash_ids`), each
+    hashed block's tokens follow from its id (an id names its whole prefix, so equal ids
+    give equal prefixes and vLLM's prefix cache hits them); the rest is the request's own."""
+    if not request.hash_ids:
+        return prompt_token_ids(index, request.prompt_tokens, vocab_size)
+    size = request.hash_block_tokens
+    ids: list[int] = []
+    for h in request.hash_ids:
+        if len(ids) >= request.prompt_tokens:
+            break
+        rng = random.Random(f"block-{h}")
+        ids.extend(rng.randrange(3, vocab_size) for _ in range(size))
+    del ids[request.prompt_tokens:]
+    return ids + prompt_token_ids(index, request.prompt_tokens - len(ids), vocab_size)
 
 
 @dataclass
@@ -133,7 +151,7 @@ async def replay(engine, trace: Sequence[TraceRequest], *, max_tokens_cap: int, 
         params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True, detokenize=False,
                                 output_kind=RequestOutputKind.DELTA,
                                 extra_args={XARG_SLO: r.slo.name, XARG_MAX_TOKENS: max(max_tokens_cap, r.output_tokens)})
-        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids(index, r.prompt_tokens, vocab_size))
+        prompt = TokensPrompt(prompt_token_ids=trace_prompt_token_ids(index, r, vocab_size))
         try:
             async for out in engine.generate(prompt, params, request_id=r.request_id):
                 now = time.time()
@@ -207,5 +225,8 @@ def run_stats(streams: Sequence[_Stream], rows: Sequence[dict], start: float, kv
     usable = kv_blocks - 1
     utilization = sum(1 - r["free_blocks"] / usable for r in rows) / len(rows) if rows else 0.0
     errors = sum(1 for s in streams if s.error)
+    admitted = [hit for r in rows for hit in r.get("hits", {}).values()]
+    counters = {"errors": errors, "steps": len(rows), "prefix_hit_tokens": sum(h for h, _ in admitted),
+                "prefix_query_tokens": sum(n for _, n in admitted)}
     return RunStats(duration_s=end - start, preemptions_by_mode={"recompute": preempted, "swap": 0},
-                    kv_utilization_mean=utilization, counters={"errors": errors, "steps": len(rows)})
+                    kv_utilization_mean=utilization, counters=counters)

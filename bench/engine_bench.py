@@ -33,7 +33,7 @@ from bench.engine import (
 )
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
-from bench.traces import AZURE_TRACES, TraceRequest, load_trace, scale_to_rate, scale_tokens, split_train_test
+from bench.traces import NAMED_TRACES, TraceRequest, load_trace, scale_to_rate, scale_tokens, split_train_test
 from predictor.length_quantile import LengthQuantilePredictor
 from replicas.config import SchedulerConfig
 from replicas.engine_settings import EngineSettings
@@ -75,8 +75,8 @@ class EngineBenchSpec:
             raise ValueError(f"length_divisor={self.length_divisor} must be > 0")
         if not 1 <= self.max_tokens < self.engine.max_model_len:
             raise ValueError(f"max_tokens={self.max_tokens} must lie in [1, max_model_len={self.engine.max_model_len})")
-        if self.trace not in AZURE_TRACES and not Path(self.trace).is_file():
-            raise ValueError(f"trace={self.trace!r} is neither conv, code nor a file")
+        if self.trace not in NAMED_TRACES and not Path(self.trace).is_file():
+            raise ValueError(f"trace={self.trace!r} is neither one of {', '.join(NAMED_TRACES)} nor a file")
         if self.engine.kv_blocks is None:
             raise ValueError("the benchmark forces KV pressure: give the engine a kv_blocks count")
         for name in self.policies:
@@ -110,7 +110,7 @@ def sim_setup(spec: EngineBenchSpec) -> SimSetup:
     e = spec.engine
     return SimSetup(latency_model=LATENCY_MODEL, policy_latency_model=LATENCY_MODEL, kv_blocks=e.kv_blocks - 1,
                     max_model_len=e.max_model_len,
-                    max_tokens=spec.max_tokens, can_swap=False,
+                    max_tokens=spec.max_tokens, can_swap=False, prefix_caching=e.prefix_caching,
                     scheduler=SchedulerConfig(block_size=e.block_size, max_num_seqs=e.max_num_seqs,
                                               max_num_batched_tokens=e.max_num_batched_tokens))
 

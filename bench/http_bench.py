@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from bench.engine import prompt_token_ids, stream_outcome
+from bench.engine import stream_outcome, trace_prompt_token_ids
 from bench.metrics import RequestOutcome, RunStats
 from bench.traces import TraceRequest
 
@@ -50,7 +50,7 @@ async def replay_http(base_url: str, model: str, trace: Sequence[TraceRequest], 
         async def one(index: int, stream: HttpStream) -> None:
             await asyncio.sleep(max(0.0, stream.arrival_s - time.time()))
             r = stream.request
-            body = {"model": model, "prompt": prompt_token_ids(index, r.prompt_tokens, vocab_size),
+            body = {"model": model, "prompt": trace_prompt_token_ids(index, r, vocab_size),
                     "max_tokens": r.output_tokens, "ignore_eos": True, "stream": True, "temperature": 0,
                     "stream_options": {"include_usage": True}, "slo": r.slo.name,
                     "vllm_xargs": {"cacheopt_slo": r.slo.name}}

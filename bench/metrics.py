@@ -145,6 +145,9 @@ def summarize(outcomes: Sequence[RequestOutcome], stats: RunStats) -> dict[str, 
     metrics |= _preemption_metrics(outcomes, stats)
     metrics |= _predictor_metrics(outcomes)
     metrics["kv_utilization_mean"] = float(stats.kv_utilization_mean)
+    # vLLM's prefix-cache hit rate: hit tokens over the tokens of every admission's lookup.
+    queried = stats.counters.get("prefix_query_tokens", 0)
+    metrics["prefix_hit_rate"] = stats.counters.get("prefix_hit_tokens", 0) / queried if queried else nan
     for name, count in stats.counters.items():
         metrics[f"count_{name}"] = float(count)
     return metrics

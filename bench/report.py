@@ -38,6 +38,7 @@ KEY_METRICS: tuple[tuple[str, str, str], ...] = (
     ("shed", "shed_share", "fraction"),
     ("goodput (req/s)", "goodput_rps", "number"),
     ("preempt/1k", "preemptions_per_1k", "number"),
+    ("prefix hits", "prefix_hit_rate", "fraction"),
 )
 # Latencies compared as baseline / policy (> 1: the policy is faster).
 RATIO_METRICS: tuple[tuple[str, str], ...] = (

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
-from bench.traces import TraceRequest, load_trace, scale_to_rate, split_train_test
+from bench.traces import NAMED_TRACES, TraceRequest, load_trace, scale_to_rate, split_train_test
 from global_scheduler.confidence import ConfidenceController, FeedbackConfidence, RateController, RateTunedConfidence
 from predictor.base import OutputLengthPredictor
 from predictor.length_quantile import LengthQuantilePredictor
 from predictor.training import DEFAULT_ARTIFACT
 from replicas.policies import POLICY_NAMES, check_policy_names
 
-TRACES = ("conv", "code", "alpaca")
+TRACES = (*NAMED_TRACES, "alpaca")
 PREDICTORS = ("length", "learned")
 CONFIDENCE_MODES = ("fixed", "rate", "feedback")
 

