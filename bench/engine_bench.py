@@ -125,7 +125,8 @@ def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
     Every policy gets its own engine, all started before the first measured run and each
     warmed up with `warmup` requests; then the runs are interleaved: for each repeat and
     rate, every policy once, in an order rotated by repeat, so that a drift of the machine
-    (another process, thermal state) lands on every policy alike. The simulated side uses
+    (another process, thermal state) lands on every policy alike. Each run starts from an
+    empty prefix cache, as the simulated side does. The simulated side uses
     a latency model fitted in this run to vLLM's own steps (when `vllm` is among the
     policies), so it does not depend on the machine the shipped fit came from."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,8 @@ def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
                         if on_progress:
                             on_progress(f"{policy} @ {rate:g} req/s (repeat {repeat})")
                         requests = scale_to_rate(trace, rate)
+                        if spec.engine.prefix_caching and not await engines[policy].reset_prefix_cache():
+                            raise RuntimeError(f"{policy}: vLLM kept its prefix cache (blocks still in use)")
                         streams, start = await replay(engines[policy], requests, max_tokens_cap=spec.max_tokens,
                                                       vocab_size=vocab, on_finish=on_request)
                         end = max((s.token_times[-1] for s in streams if s.token_times), default=start) + 1.0

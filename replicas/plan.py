@@ -23,6 +23,7 @@ class StepPlan:
     get an error, never a token. `refunded_tokens` is token budget given back by
     preemptions made inside a policy hook, for the scheduler to spend again this step."""
 
+
     step_index: int
     scheduled: dict[Request, int] = field(default_factory=dict)
     preempted: list[tuple[Request, str]] = field(default_factory=list)
@@ -31,6 +32,9 @@ class StepPlan:
     swap_in_blocks: int = 0
     swap_out_blocks: int = 0
     refunded_tokens: int = 0
+    # Asynchronous steps only: the requests this step samples a token for (the others
+    # compute a prefill chunk).
+    sampling: set[Request] = field(default_factory=set)
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

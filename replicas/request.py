@@ -46,6 +46,12 @@ class Request:
     num_output_tokens: int = 0
     # Prefix caching: blocks of its table charged to other holders (replicas/kv_blocks.py).
     num_shared_blocks: int = 0
+    # Asynchronous steps (ReplicaScheduler.async_steps): tokens being sampled by steps in
+    # flight, already counted as computed, as vLLM's AsyncScheduler counts them.
+    num_output_placeholders: int = 0
+    # The engine's own output limit where it differs from the planning cap `max_tokens`
+    # (the adapter: vLLM's max_tokens); async steps never schedule past it.
+    stop_after_tokens: int | None = None
 
     # Prediction, refreshed by the policy: point estimate and padded bound U_p (tokens).
     predicted_output_tokens: int = 0

@@ -13,6 +13,13 @@ charged to it), and every allocation and release goes to the pool at once, so th
 later admission in the same step sees the blocks an earlier one cached or freed. The
 ledger then counts charged blocks, and `check_blocks` holds it to the pool's tables.
 Without a pool (the simulator with prefix caching off) blocks are counted only.
+
+With `async_steps` the engine plans step N+1 while step N runs, as vLLM's AsyncScheduler
+does: a step's tokens count as computed when it is planned, a token being sampled is a
+placeholder (`Request.num_output_placeholders`) until its step is done, a request whose
+last token is in flight is not scheduled again, and a step's verdicts arrive for requests
+that may have finished, been aborted or been preempted since (a preempted one still gets
+its token, as vLLM delivers it).
 """
 
 from __future__ import annotations
@@ -34,13 +41,14 @@ if TYPE_CHECKING:
 
 class ReplicaScheduler:
     def __init__(self, config: SchedulerConfig, policy: Policy, ledger: KVLedger, *, can_swap: bool = False,
-                 pool: BlockPool | None = None):
+                 pool: BlockPool | None = None, async_steps: bool = False):
         self.config = config
         self.policy = policy
         self.ledger = ledger
         self.can_swap = can_swap
         self.pool = pool
         self.tables = BlockTables() if pool is not None else None
+        self.async_steps = async_steps
         self.waiting: list[Request] = []  # new and preempted requests, in the policy's queue order
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
@@ -101,7 +109,10 @@ class ReplicaScheduler:
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
-            n = request.num_tokens - request.num_computed_tokens
+            if request.num_output_placeholders and self._last_token_in_flight(request):
+                i += 1
+                continue
+            n = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
             if n > budget:
                 n = budget
             end = request.num_computed_tokens + n
@@ -133,7 +144,19 @@ class ReplicaScheduler:
         if self.waiting and (policy.admits_after_preemption or not plan.preempted):
             self._admit_waiting(plan, budget)
         self._plan = None
+        if self.async_steps:
+            for request, n in plan.scheduled.items():
+                request.num_computed_tokens += n
+                if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                    request.num_output_placeholders += 1
+                    plan.sampling.add(request)
         return plan
+
+    @staticmethod
+    def _last_token_in_flight(request: Request) -> bool:
+        """A token in flight is its last: another step would be wasted (vLLM's rule)."""
+        limit = request.stop_after_tokens or request.max_tokens
+        return request.num_computed_tokens + 2 - request.num_output_placeholders >= request.prompt_tokens + limit
 
     def _shed(self, plan: StepPlan, requests: list[Request]) -> None:
         """Drop waiting requests the policy gave up on: they leave no share and no queue
@@ -288,8 +311,9 @@ class ReplicaScheduler:
             if plan is not None:
                 plan.swap_out_blocks += victim.swapped_blocks
         else:
-            victim.num_recomputed_tokens += victim.num_computed_tokens
+            victim.num_recomputed_tokens += victim.num_computed_tokens - victim.num_output_placeholders
             victim.num_computed_tokens = 0
+        victim.num_output_placeholders = 0  # a token in flight is delivered, but not as computed
         victim.status = Status.PREEMPTED
         victim.num_preemptions += 1
         self._enqueue(victim)
@@ -316,7 +340,8 @@ class ReplicaScheduler:
     def on_step_done(self, plan: StepPlan, end_s: float, duration_s: float,
                      is_finished: Callable[[Request], bool]) -> list[Request]:
         """Advance progress counters; a request whose step covered all its known tokens
-        samples one more. Returns the requests that finished."""
+        samples one more. Returns the requests that finished. With async steps, `plan` is
+        the oldest step in flight, and its tokens were counted as computed when planned."""
         self.now_s = end_s
         self.step_index += 1
         self.recent_iteration_s.append(duration_s)
@@ -324,10 +349,19 @@ class ReplicaScheduler:
         finished = []
         policy = self.policy
         progress_events = policy.wants_progress_events
+        async_steps = self.async_steps
         for request, n in plan.scheduled.items():
-            request.num_computed_tokens += n
-            if request.num_computed_tokens < request.num_tokens:
-                if progress_events:
+            if async_steps:
+                if request.status is Status.FINISHED:
+                    continue  # finished or aborted while the step ran: vLLM drops its output
+                sampled = request in plan.sampling
+                if sampled and request.status is Status.RUNNING:
+                    request.num_output_placeholders -= 1
+            else:
+                request.num_computed_tokens += n
+                sampled = request.num_computed_tokens >= request.num_tokens
+            if not sampled:
+                if progress_events and request.status is Status.RUNNING:
                     policy.on_no_token(request)
                 continue  # a prefill chunk: no token sampled yet
             request.num_output_tokens += 1
@@ -337,9 +371,13 @@ class ReplicaScheduler:
                 request.token_gaps_s.append(end_s - request.last_token_s)
             request.last_token_s = end_s
             if is_finished(request):
+                was_running = request.status is Status.RUNNING
                 request.status = Status.FINISHED
                 request.finish_s = end_s
-                self._release(request)
+                if was_running:
+                    self._release(request)
+                else:  # preempted while its last token was in flight (async steps): it holds nothing
+                    self._dequeue(request)
                 del self.requests[request.request_id]
                 finished.append(request)
         if finished:
@@ -354,8 +392,8 @@ class ReplicaScheduler:
 
 def build_scheduler(policy: Policy, *, total_blocks: int, config: SchedulerConfig = SchedulerConfig(),
                     can_swap: bool = False, host_swap_blocks: int = 0,
-                    pool: BlockPool | None = None) -> ReplicaScheduler:
+                    pool: BlockPool | None = None, async_steps: bool = False) -> ReplicaScheduler:
     """A scheduler over a fresh ledger whose global reserve is sized for the policy."""
     ledger = KVLedger(total_blocks, reserve_blocks=int(total_blocks * policy.reserve_fraction),
                       host_swap_blocks=host_swap_blocks if can_swap else 0)
-    return ReplicaScheduler(config, policy, ledger, can_swap=can_swap, pool=pool)
+    return ReplicaScheduler(config, policy, ledger, can_swap=can_swap, pool=pool, async_steps=async_steps)

@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from vllm.logger import init_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -89,7 +90,7 @@ class _Timed:
 
     def _init_step_log(self, settings: EngineSettings) -> None:
         self._step_log = StepLog(settings.step_log)
-        self._step_row: dict | None = None
+        self._step_rows: dict[int, dict] = {}  # by id(SchedulerOutput): with async scheduling two are in flight
 
     def _open_step_row(self, out: SchedulerOutput, started: float, schedule_s: float) -> None:
         if not self._step_log.enabled:
@@ -97,7 +98,7 @@ class _Timed:
         num_context = 0
         for rid in out.num_scheduled_tokens:
             num_context += self.requests[rid].num_computed_tokens  # already advanced by this step's tokens
-        self._step_row = {
+        self._step_rows[id(out)] = {
             "t": started, "schedule_s": schedule_s, "new": out.total_num_scheduled_tokens,
             "reqs": len(out.num_scheduled_tokens), "ctx": num_context,
             "running": len(self.running), "waiting": len(self.waiting),
@@ -118,8 +119,8 @@ class _Timed:
                     hits[rid] = [computed, self.requests[rid].num_tokens]
         return hits
 
-    def _close_step_row(self) -> None:
-        row, self._step_row = self._step_row, None
+    def _close_step_row(self, out: SchedulerOutput) -> None:
+        row = self._step_rows.pop(id(out), None)
         if row is not None:
             row["done"] = time.time()
             self._step_log.write(row, flush=not self.running)
@@ -140,7 +141,7 @@ class StepLogScheduler(_Timed, Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._close_step_row()
+        self._close_step_row(scheduler_output)
         return outputs
 
     def shutdown(self) -> None:
@@ -207,12 +208,14 @@ class _VllmBlockPool:
         self.s = scheduler
         self._hits: dict[str, Any] = {}  # request id -> (vLLM's hit blocks, hit tokens)
         self.new_blocks: dict[str, Any] = {}  # request id -> blocks allocated this step (running requests)
+        self.hit_tokens: dict[str, int] = {}  # request id -> its prefix hit (requests admitted this step)
         self.preempted: list[VllmRequest] = []
         self.timestamp = 0.0
 
     def begin_step(self, timestamp: float) -> None:
         self._hits.clear()
         self.new_blocks.clear()
+        self.hit_tokens.clear()
         self.preempted = []
         self.timestamp = timestamp
 
@@ -234,6 +237,7 @@ class _VllmBlockPool:
             self.new_blocks[rid] = blocks
         else:
             hit_blocks, hit_tokens = self._hits.pop(rid, (None, 0)) if hits else (None, 0)
+            self.hit_tokens[rid] = hit_tokens
             # The ledger already decided admission: vLLM's own full-sequence gate is off.
             blocks = s.kv_cache_manager.allocate_slots(request, num_new_tokens, num_new_computed_tokens=hit_tokens,
                                                        new_computed_blocks=hit_blocks,
@@ -253,14 +257,22 @@ class _VllmBlockPool:
 
 
 class CacheOptScheduler(_Timed, Scheduler):
-    """vLLM's scheduler whose admission, allocation and preemption the pure core decides."""
+    """vLLM's scheduler whose admission, allocation and preemption the pure core decides.
+    Where vLLM runs with async scheduling (its default on GPU), constructing it gives the
+    `AsyncCacheOptScheduler` (vLLM takes a custom class whatever that setting says)."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is CacheOptScheduler:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if vllm_config is not None and vllm_config.scheduler_config.async_scheduling:
+                cls = AsyncCacheOptScheduler
+        return super().__new__(cls)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
-        self._plan: StepPlan | None = None
+        self._plans: dict[int, tuple[StepPlan, float]] = {}  # by id(SchedulerOutput): (plan, its start)
         self._shed: list[VllmRequest] = []  # finished by the policy this step, answered in update_from_output
-        self._plan_started_s = 0.0
         self._snapshot_s = 0.0
         self._trace = _EngineTrace()
         self._configure(_settings_of(self.vllm_config))
@@ -271,7 +283,8 @@ class CacheOptScheduler(_Timed, Scheduler):
         self.core = build_scheduler(
             settings.build_policy(),
             total_blocks=self.kv_cache_manager.block_pool.num_gpu_blocks - 1,  # block 0 is vLLM's null block
-            config=self.core_config(), can_swap=False, pool=self._pool)
+            config=self.core_config(), can_swap=False, pool=self._pool,
+            async_steps=isinstance(self, AsyncScheduler))
         self.num_invariant_checks = 0
         self._init_step_log(settings)
 
@@ -307,7 +320,8 @@ class CacheOptScheduler(_Timed, Scheduler):
             "a scheduler watermark": self.kv_cache_manager.watermark_blocks > 0,
             "chunked prefill off": not sched.enable_chunked_prefill,
             "long_prefill_token_threshold": sched.long_prefill_token_threshold > 0,
-            "async scheduling": bool(sched.async_scheduling),
+            "async scheduling through the synchronous class": sched.async_scheduling and not isinstance(
+                self, AsyncScheduler),
         }
         found = [name for name, present in unsupported.items() if present]
         if found:
@@ -329,7 +343,8 @@ class CacheOptScheduler(_Timed, Scheduler):
         mirror = Request(request_id=request.request_id, arrival_s=request.arrival_time,
                          prompt_tokens=request.num_prompt_tokens,
                          max_tokens=max(1, min(hints.max_tokens, self.max_model_len - request.num_prompt_tokens)),
-                         slo=hints.slo, forwarded_prediction=hints.forwarded_prediction)
+                         slo=hints.slo, forwarded_prediction=hints.forwarded_prediction,
+                         stop_after_tokens=request.max_tokens)
         self.core.add_request(mirror, time.time())
         if hints.traceparent:
             self._trace.start(mirror, hints.traceparent)
@@ -338,10 +353,11 @@ class CacheOptScheduler(_Timed, Scheduler):
         finished = super().finish_requests(request_ids, finished_status)
         for request in finished:
             mirror = self.core.requests.get(request.request_id)
-            if mirror is not None and self._plan is not None:
+            if mirror is not None:
                 # Aborted between schedule() and update_from_output(): vLLM skips its
                 # output, so the pure step must not advance (or release) it either.
-                self._plan.scheduled.pop(mirror, None)
+                for plan, _ in self._plans.values():
+                    plan.scheduled.pop(mirror, None)
             self.core.abort(request.request_id)
             self._trace.end(request.request_id, "aborted")
         return finished
@@ -368,13 +384,15 @@ class CacheOptScheduler(_Timed, Scheduler):
         for mirror, n in plan.scheduled.items():
             request = self.requests[mirror.request_id]
             rid = request.request_id
-            if n > self.max_model_len - mirror.num_computed_tokens - self.num_sampled_tokens_per_step:
+            running = request.status == RequestStatus.RUNNING
+            start = request.num_computed_tokens if running else self._pool.hit_tokens[rid]
+            if n > self.max_model_len - start - self.num_sampled_tokens_per_step:
                 raise AdapterError(f"{rid}: {n} tokens would pass max_model_len={self.max_model_len}")
-            if request.status == RequestStatus.RUNNING:
+            if running:
                 running_reqs.append(request)
                 req_to_new_blocks[rid] = self._pool.new_blocks[rid]
             else:
-                hit_tokens = mirror.num_computed_tokens  # where the core started it: its prefix hit
+                hit_tokens = start
                 if request.prefill_stats and request.num_preemptions <= 0:
                     request.prefill_stats.set(num_prompt_tokens=request.num_prompt_tokens,
                                               num_local_cached_tokens=hit_tokens, num_external_cached_tokens=0)
@@ -400,8 +418,8 @@ class CacheOptScheduler(_Timed, Scheduler):
 
         if self._trace.spans:
             self._trace.on_plan(plan, admitted=[r.request_id for r in new_reqs + resumed_reqs], ledger=self.core.ledger)
-        self._plan, self._plan_started_s = plan, started
         out = self._scheduler_output(new_reqs, resumed_reqs, running_reqs, num_scheduled_tokens, req_to_new_blocks)
+        self._plans[id(out)] = (plan, started)
         if self.settings.check_invariants:
             self.check_books(after_schedule=True)
         self._open_step_row(out, started, time.perf_counter() - t0)
@@ -477,21 +495,21 @@ class CacheOptScheduler(_Timed, Scheduler):
                                                 events=request.take_events(), trace_headers=request.trace_headers))
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        plan, self._plan = self._plan, None
+        plan, started = self._plans.pop(id(scheduler_output), (None, 0.0))
         # vLLM deletes finished requests from self.requests: keep them for the verdict.
-        by_mirror = {m: self.requests[m.request_id] for m in plan.scheduled} if plan else {}
+        by_mirror = {m: self.requests[m.request_id] for m in plan.scheduled if m.request_id in self.requests} if plan else {}
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self._shed:
             self._answer_shed(outputs)
         if plan is not None:
             end = time.time()
-            finished = self.core.on_step_done(plan, end, end - self._plan_started_s,
+            finished = self.core.on_step_done(plan, end, end - started,
                                               is_finished=lambda m: by_mirror[m].is_finished())
             if self._trace.spans:
                 self._trace.on_step_done(plan, finished)
         if self.settings.check_invariants:
             self.check_books(after_schedule=False)
-        self._close_step_row()
+        self._close_step_row(scheduler_output)
         self._publish_snapshot()
         return outputs
 
@@ -546,8 +564,10 @@ class CacheOptScheduler(_Timed, Scheduler):
                 raise self._desync(f"{mirror.request_id} holds blocks {list(table)} in vLLM, {tables.tables[mirror.request_id]} in the core")
             if not after_schedule:  # vLLM advances num_computed_tokens at schedule time
                 request = self.requests[mirror.request_id]
-                if (request.num_computed_tokens, request.num_output_tokens) != (mirror.num_computed_tokens, mirror.num_output_tokens):
-                    raise self._desync(f"{mirror.request_id} progress differs")
+                vllm_progress = (request.num_computed_tokens, request.num_output_tokens, request.num_output_placeholders)
+                if vllm_progress != (mirror.num_computed_tokens, mirror.num_output_tokens, mirror.num_output_placeholders):
+                    raise self._desync(f"{mirror.request_id} progress differs: vLLM {vllm_progress}, core "
+                                       f"{(mirror.num_computed_tokens, mirror.num_output_tokens, mirror.num_output_placeholders)}")
         self.num_invariant_checks += 1
 
     def _desync(self, what: str) -> AdapterError:
@@ -565,3 +585,10 @@ class CacheOptScheduler(_Timed, Scheduler):
     def shutdown(self) -> None:
         self._step_log.close()
         super().shutdown()
+
+
+class AsyncCacheOptScheduler(CacheOptScheduler, AsyncScheduler):
+    """The adapter under async scheduling: vLLM's AsyncScheduler semantics (output
+    placeholders, the next step planned while one is in flight: `_update_after_schedule`
+    and `_update_request_with_output` are AsyncScheduler's), the core planning with
+    `async_steps` so that its mirror counts the same placeholders."""
