@@ -79,7 +79,8 @@ class EngineSetup:
                     max_model_len=self.max_model_len, block_size=self.block_size,
                     num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=self.prefix_caching,
-                    enable_chunked_prefill=True, async_scheduling=False, scheduler_cls=scheduler_cls,
+                    # async_scheduling left to vLLM: on by default on GPU (AsyncCacheOptScheduler), forced off on CPU
+                    enable_chunked_prefill=True, scheduler_cls=scheduler_cls,
                     additional_config=settings.as_additional_config(), disable_log_stats=True)
 
 

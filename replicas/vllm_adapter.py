@@ -5,25 +5,33 @@ The only module that imports vllm. `CacheOptScheduler` plugs in as `scheduler_cl
 `additional_config={"cacheopt": {...}}` (replicas.engine_settings). Each step:
 
 1. the pure core (`ReplicaScheduler` + policy, the same objects the simulator runs)
-   plans the step on its mirror of the requests and its KV ledger;
-2. the adapter applies the plan through vLLM's KV cache manager: preemptions first, so
-   every later allocation sees at least the free blocks the ledger assumed, then the
-   scheduled requests in the plan's order;
+   plans the step on its mirror of the requests and its KV ledger, and every placement it
+   makes goes to vLLM's KV cache manager at once, in planning order (`_VllmBlockPool`):
+   prefix lookups, allocations, preemptions; so an admission sees exactly the cached and
+   free blocks vLLM's own `schedule()` would see at that point;
+2. the adapter assembles vLLM's SchedulerOutput from the plan (queues, statuses, the
+   tail of `Scheduler.schedule`);
 3. after the model ran, vLLM appends tokens and finishes requests, and the pure core
    advances its mirror with vLLM's verdict on who finished.
 
 Reservations live in the ledger only: vLLM holds exactly the blocks a request has
-computed into (the ledger's `held`), and idle promises stay physically free in vLLM's
-pool. That is what makes embedding possible (vLLM cannot move blocks between block
-tables) and keeps the two books equal: `vLLM free == ledger.total - ledger.held_total`.
+computed into, and idle promises stay physically free in vLLM's pool. That is what makes
+embedding possible (vLLM cannot move blocks between block tables) and keeps the two books
+equal: `vLLM free == ledger.total - ledger.held_total`, where a block several requests
+share through the prefix cache is charged to one of them (replicas/kv_blocks.py) and a
+cached block nobody holds counts as free, as vLLM counts it.
 
-V1 cannot swap (no per-victim swap path; the KV offload connector is CUDA-only and not a
-per-victim choice), so the core is built with `can_swap=False` and every preemption
-recomputes. docs/vllm-adapter-notes.md maps the vLLM code this reproduces (the tail of
-`Scheduler.schedule` is vLLM's, Apache-2.0, reduced to the features asserted off).
+Prefix caching and async scheduling, vLLM's defaults, stay on: where vLLM schedules
+asynchronously the class becomes `AsyncCacheOptScheduler` (vLLM's AsyncScheduler
+semantics; the core plans with `async_steps`). V1 cannot swap a chosen victim (its KV
+offload connectors are a CUDA-only second cache tier, not a per-victim choice), so the
+core is built with `can_swap=False` and every preemption recomputes, with free hits on
+whatever of the victim's blocks the prefix cache still holds. docs/vllm-adapter-notes.md
+maps the vLLM code this reproduces (the tail of `Scheduler.schedule` is vLLM's,
+Apache-2.0, reduced to the features asserted off).
 
-`StepLogScheduler` is vLLM's own scheduler, untouched except that it times `schedule()`
-and logs each step like the adapter does, for side-by-side benchmarks.
+`StepLogScheduler` is vLLM's own scheduler (or AsyncScheduler), untouched except that it
+times `schedule()` and logs each step like the adapter does, for side-by-side benchmarks.
 """
 
 from __future__ import annotations
@@ -126,8 +134,20 @@ class _Timed:
             self._step_log.write(row, flush=not self.running)
 
 
+def _schedules_asynchronously(args: tuple, kwargs: dict) -> bool:
+    """Whether the engine building a scheduler with these arguments runs it asynchronously."""
+    vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+    return vllm_config is not None and bool(vllm_config.scheduler_config.async_scheduling)
+
+
 class StepLogScheduler(_Timed, Scheduler):
-    """vLLM's own scheduler, timed and logged (the `vllm` side of side-by-side runs)."""
+    """vLLM's own scheduler, timed and logged (the `vllm` side of side-by-side runs);
+    `AsyncStepLogScheduler` (vLLM's AsyncScheduler) where vLLM schedules asynchronously."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is StepLogScheduler and _schedules_asynchronously(args, kwargs):
+            cls = AsyncStepLogScheduler
+        return super().__new__(cls)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -262,10 +282,8 @@ class CacheOptScheduler(_Timed, Scheduler):
     `AsyncCacheOptScheduler` (vLLM takes a custom class whatever that setting says)."""
 
     def __new__(cls, *args, **kwargs):
-        if cls is CacheOptScheduler:
-            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
-            if vllm_config is not None and vllm_config.scheduler_config.async_scheduling:
-                cls = AsyncCacheOptScheduler
+        if cls is CacheOptScheduler and _schedules_asynchronously(args, kwargs):
+            cls = AsyncCacheOptScheduler
         return super().__new__(cls)
 
     def __init__(self, *args, **kwargs):
@@ -592,3 +610,7 @@ class AsyncCacheOptScheduler(CacheOptScheduler, AsyncScheduler):
     placeholders, the next step planned while one is in flight: `_update_after_schedule`
     and `_update_request_with_output` are AsyncScheduler's), the core planning with
     `async_steps` so that its mirror counts the same placeholders."""
+
+
+class AsyncStepLogScheduler(StepLogScheduler, AsyncScheduler):
+    """vLLM's own AsyncScheduler, timed and logged."""

@@ -119,11 +119,14 @@ def drive(scheduler, *, abort_at: dict[int, str] | None = None, max_steps: int =
 
 
 def test_the_adapter_becomes_async_where_vllm_schedules_asynchronously():
-    from replicas.vllm_adapter import AsyncCacheOptScheduler, CacheOptScheduler
+    from replicas.vllm_adapter import AsyncCacheOptScheduler, AsyncStepLogScheduler, CacheOptScheduler, StepLogScheduler
 
-    assert type(build(CacheOptScheduler)) is AsyncCacheOptScheduler
+    adapter = build(CacheOptScheduler)
+    assert type(adapter) is AsyncCacheOptScheduler and adapter.core.async_steps
     synchronous = build(CacheOptScheduler, async_scheduling=False)
     assert type(synchronous) is CacheOptScheduler and not synchronous.core.async_steps
+    assert type(build(StepLogScheduler)) is AsyncStepLogScheduler  # the native baseline keeps vLLM's default too
+    assert type(build(StepLogScheduler, async_scheduling=False)) is StepLogScheduler
 
 
 @pytest.mark.parametrize("shared", [0, SHARED])
