@@ -382,12 +382,15 @@ def scale_tokens(
     for r in requests:
         prompt = max(1, math.floor(r.prompt_tokens / divisor + 0.5))
         output = max(1, math.floor(r.output_tokens / divisor + 0.5))
+        hash_ids = r.hash_ids
         if max_context is not None and prompt + output > max_context:
             output = min(output, max_context - 1)
             prompt = max_context - output
+            hash_ids = None  # left-truncated: its start, and so every prefix it shared, is gone
         # Hashed blocks shrink with the prompt (at least one token each), so shared prefixes stay shared.
         hash_block = max(1, math.floor(r.hash_block_tokens / divisor + 0.5))
-        scaled.append(dataclasses.replace(r, prompt_tokens=prompt, output_tokens=output, hash_block_tokens=hash_block))
+        scaled.append(dataclasses.replace(r, prompt_tokens=prompt, output_tokens=output, hash_ids=hash_ids,
+                                          hash_block_tokens=hash_block))
     return scaled
 
 

@@ -106,9 +106,10 @@ def sim_block_key(request: Request, index: int) -> Hashable:
 
 class SimBlockPool:
     """vLLM's prefix-caching block pool, reduced to what decides hits and evictions
-    (vllm/v1/core/block_pool.py): full blocks become cached when scheduled; a freed block
-    with a key stays cached, least recently freed evicted first, while blocks without a
-    key are reused first; a request's blocks are freed tail first. `caching=False` is
+    (vllm/v1/core/block_pool.py): full blocks become cached when scheduled (a key computed
+    twice names both blocks, and a hit takes the first); a freed block with a key stays
+    cached, least recently freed evicted first, while blocks without a key are reused
+    first; a request's blocks are freed tail first. `caching=False` is
     vLLM with prefix caching off (no hits)."""
 
     def __init__(self, num_blocks: int, block_size: int, *, caching: bool = True):
@@ -117,7 +118,7 @@ class SimBlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # next to allocate first
         self._key: list[Hashable | None] = [None] * num_blocks
         self._ref = [0] * num_blocks
-        self._cached: dict[Hashable, int] = {}
+        self._cached: dict[Hashable, dict[int, None]] = {}  # key -> its blocks (a key computed twice has two)
         self._tables: dict[str, list[int]] = {}
         self._num_keyed: dict[str, int] = {}
 
@@ -130,10 +131,10 @@ class SimBlockPool:
             return []
         hits = []
         for i in range((request.num_tokens - 1) // self.block_size):
-            block = self._cached.get(sim_block_key(request, i))
-            if block is None:
+            blocks = self._cached.get(sim_block_key(request, i))
+            if not blocks:
                 break
-            hits.append(block)
+            hits.append(next(iter(blocks)))
         return hits
 
     def allocate(self, request: Request, hits: list[int], num_new_tokens: int) -> list[int]:
@@ -154,7 +155,9 @@ class SimBlockPool:
             key = self._key[block]
             if key is not None:
                 self._key[block] = None
-                if self._cached.get(key) == block:
+                blocks = self._cached[key]
+                del blocks[block]
+                if not blocks:
                     del self._cached[key]
             self._ref[block] = 1
             table.append(block)
@@ -166,8 +169,9 @@ class SimBlockPool:
         rid = request.request_id
         for i in range(self._num_keyed.get(rid, 0), num_full):
             key = sim_block_key(request, i)
-            self._key[table[i]] = key
-            self._cached.setdefault(key, table[i])
+            if self._key[table[i]] is None:  # a hit block is cached already
+                self._key[table[i]] = key
+                self._cached.setdefault(key, {})[table[i]] = None
         self._num_keyed[rid] = max(num_full, self._num_keyed.get(rid, 0))
 
     def free(self, request: Request, *, preempted: bool) -> None:

@@ -125,11 +125,11 @@ class KVLedger:
         that other holders of a shared prefix still hold, per heir (kv_blocks.py); they
         stay in use, charged to the heir, whose reservation grows to cover them. Returns
         the freed guests."""
+        passed_on = sum(inherited.values()) if inherited else 0
+        if passed_on > self.shares[rid].held:
+            raise ValueError(f"request {rid} passes on {passed_on} blocks but holds {self.shares[rid].held}")
         s = self.shares.pop(rid)
         self.held_total -= s.held
-        passed_on = sum(inherited.values()) if inherited else 0
-        if passed_on > s.held:
-            raise ValueError(f"request {rid} passes on {passed_on} blocks but holds {s.held}")
         if s.host is not None:
             host = self.shares[s.host]
             host.guests.discard(rid)

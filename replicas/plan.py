@@ -23,7 +23,6 @@ class StepPlan:
     get an error, never a token. `refunded_tokens` is token budget given back by
     preemptions made inside a policy hook, for the scheduler to spend again this step."""
 
-
     step_index: int
     scheduled: dict[Request, int] = field(default_factory=dict)
     preempted: list[tuple[Request, str]] = field(default_factory=list)

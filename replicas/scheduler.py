@@ -49,6 +49,7 @@ class ReplicaScheduler:
         self.pool = pool
         self.tables = BlockTables() if pool is not None else None
         self.async_steps = async_steps
+        self._admission_hits: frozenset[int] = frozenset()  # the prefix hits of the request offered admission
         self.waiting: list[Request] = []  # new and preempted requests, in the policy's queue order
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
@@ -185,9 +186,13 @@ class ReplicaScheduler:
                 break
             if request.status is Status.RUNNING:
                 continue  # seen twice: a critical admission queued its victims mid-scan
+            if request.status is Status.PREEMPTED and any(v is request for v, _ in plan.preempted):
+                continue  # preempted in this very step (vLLM resumes nobody in the step that preempted them)
             hits = self._look_up_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            self._admission_hits = frozenset(hits) if hits else frozenset()
             accepted = policy.try_admit(request, n)
+            self._admission_hits = frozenset()
             if plan.refunded_tokens:  # a critical admission preempted someone scheduled this step
                 budget += plan.refunded_tokens
                 plan.refunded_tokens = 0
@@ -206,8 +211,6 @@ class ReplicaScheduler:
                 request.resumed_step = self.step_index
                 self.counters["resume"] += 1
             if self.pool is not None:
-                if hits:
-                    self._charge_freed_hits(request, hits)
                 self._place(request, n, hits)
                 if hits is not None:
                     self.counters["prefix_query_tokens"] += request.num_tokens
@@ -232,26 +235,19 @@ class ReplicaScheduler:
         request.num_shared_blocks = self.tables.num_held_by_others(hits)
         return hits
 
-    def _charge_freed_hits(self, request: Request, hits: list[int]) -> None:
-        """A critical admission may have preempted the only other holder of some hit
-        blocks: they are the newcomer's now, and its share grows to cover them (from the
-        blocks the victim gave back)."""
-        assert self.tables is not None
-        shared = self.tables.num_held_by_others(hits)
-        extra = request.num_shared_blocks - shared
-        if extra <= 0:
-            return
-        rid = request.request_id
-        share = self.ledger.shares[rid]
-        missing = share.held + extra - share.room
-        if missing > 0 and self.ledger.try_top_up(rid, missing, use_reserve=True) is None:
-            raise AssertionError(f"{rid}: no blocks for {extra} prefix blocks its critical admission freed")
-        self.ledger.try_hold(rid, share.held + extra)
-        request.num_shared_blocks = shared
+    def holds_admission_hits(self, request: Request) -> bool:
+        """Whether running `request` holds a block that the request now offered admission
+        hit in the prefix cache: preempting it for the newcomer frees nothing the newcomer
+        can use (policies exclude such victims)."""
+        if not self._admission_hits or self.tables is None:
+            return False
+        return not self._admission_hits.isdisjoint(self.tables.tables.get(request.request_id, ()))
 
     def _place(self, request: Request, n: int, hits: list[int] | None = None) -> None:
         """Allocate in the pool what the ledger granted: slots for `n` more tokens."""
         assert self.tables is not None and self.pool is not None
+        assert not hits or self.tables.num_held_by_others(hits) == request.num_shared_blocks, (
+            f"{request.request_id}: its hit blocks changed holders during its admission")
         self.tables.record(request.request_id, self.pool.allocate(request, hits or [], n))
 
     def check_blocks(self) -> None:

@@ -229,14 +229,12 @@ class _VllmBlockPool:
         self._hits: dict[str, Any] = {}  # request id -> (vLLM's hit blocks, hit tokens)
         self.new_blocks: dict[str, Any] = {}  # request id -> blocks allocated this step (running requests)
         self.hit_tokens: dict[str, int] = {}  # request id -> its prefix hit (requests admitted this step)
-        self.preempted: list[VllmRequest] = []
         self.timestamp = 0.0
 
     def begin_step(self, timestamp: float) -> None:
         self._hits.clear()
         self.new_blocks.clear()
         self.hit_tokens.clear()
-        self.preempted = []
         self.timestamp = timestamp
 
     def lookup(self, mirror: Request) -> list[int]:
@@ -273,7 +271,6 @@ class _VllmBlockPool:
             request = self.s.requests[mirror.request_id]
             self.s.running.remove(request)
             self.s._preempt_request(request, self.timestamp)
-            self.preempted.append(request)
 
 
 class CacheOptScheduler(_Timed, Scheduler):

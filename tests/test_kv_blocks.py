@@ -2,7 +2,7 @@
 scheduler and ledger make of them (replicas/kv_blocks.py)."""
 
 import pytest
-from factories import LOOSE, finished_at_true_length, make_request, make_scheduler, run_step
+from factories import LOOSE, TIGHT, finished_at_true_length, make_request, make_scheduler, run_step
 
 from bench.traces import TraceRequest, scale_tokens
 from replicas.kv_blocks import BlockTables, SimBlockPool
@@ -141,3 +141,37 @@ def test_request_without_keys_is_unique_to_itself():
     pool = SimBlockPool(8, 4)
     pool.allocate(r, [], 10)
     assert pool.lookup(Request("y", 0.0, 10, 5, LOOSE)) == []
+
+
+def test_a_key_computed_twice_stays_findable_while_one_of_its_blocks_is_cached():
+    """vLLM keeps every block of a key (BlockHashToBlockMap): evicting one leaves the other."""
+    pool = SimBlockPool(6, 4)
+    keys = (("k", 0), ("k", 1))
+    first = make_request(prompt=9, prefix_keys=keys, rid="first")
+    second = make_request(prompt=9, prefix_keys=keys, rid="second")
+    pool.allocate(first, [], 9)
+    pool.allocate(second, [], 9)  # computed the same prefix itself (it was not looked up)
+    pool.free(first, preempted=False)
+    pool.allocate(make_request(prompt=8, rid="filler"), [], 8)  # the 1 free block, then first's two
+    assert len(pool.lookup(make_request(prompt=9, prefix_keys=keys, rid="third"))) == 2  # second's
+
+
+def test_a_critical_admission_never_preempts_the_holder_of_its_own_prefix():
+    """Preempting the only other holder of the newcomer's hit blocks would free nothing it
+    can use (and the newcomer would owe blocks it was promised free): EDF's critical
+    admission picks another victim or none."""
+    s = make_scheduler("edf", total_blocks=16, block_size=4, prefix_caching=True, critical_admission=True)
+    keys = tuple(("p", i) for i in range(10))
+    holder = make_request(prompt=40, output=50, slo=LOOSE, prefix_keys=keys, rid="holder")
+    tight = make_request(prompt=17, output=50, slo=TIGHT, rid="tight")
+    s.add_request(holder, 0.0)
+    s.add_request(tight, 0.0)
+    plan = s.schedule(0.0)
+    s.on_step_done(plan, 0.01, 0.6, lambda r: False)  # a slow step: a waiting tight request turns critical
+    newcomer = make_request(prompt=60, output=5, slo=TIGHT, prefix_keys=keys + tuple(("n", i) for i in range(5)),
+                            arrival_s=-0.49, rid="newcomer")
+    s.add_request(newcomer, 0.01)
+    plan = s.schedule(0.01)
+    assert s.policy._is_critical(newcomer) and not plan.preempted and newcomer not in plan.scheduled
+    s.ledger.check_invariants()
+    s.check_blocks()

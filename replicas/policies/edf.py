@@ -155,7 +155,8 @@ class EdfPolicy(Policy):
         """Minimum allocation: what it must hold now plus B blocks, from free blocks, the
         reserve, and then by preempting one request per step with a strictly looser TBT
         SLO that has not been preempted before (bounded churn). Never a guest (its blocks
-        would return to its host, not to the free pool) nor a request admitted this step."""
+        would return to its host, not to the free pool), a request admitted this step, nor
+        one holding blocks of the newcomer's prefix hit (they would not come free)."""
         minimum = max(need, self._own_blocks(request, request.num_tokens) + self.config.critical_extra_blocks)
         rid = request.request_id
         shares = self.ledger.shares
@@ -170,7 +171,8 @@ class EdfPolicy(Policy):
             admitted = plan.admitted if plan is not None else ()
             looser = [r for r in self.s.running if r.slo.tbt_s > request.slo.tbt_s
                       and r.num_preemptions == 0 and not self._protected(r)
-                      and shares[r.request_id].host is None and r not in admitted]
+                      and shares[r.request_id].host is None and r not in admitted
+                      and not self.s.holds_admission_hits(r)]
             if not looser:
                 return False
             victim = min(looser, key=self._victim_key)
