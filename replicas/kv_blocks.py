@@ -36,8 +36,9 @@ class BlockPool(Protocol):
 
     def allocate(self, request: Request, hits: list[int], num_new_tokens: int) -> list[int]:
         """Give `request` (whose `num_computed_tokens` already counts `hits`) the hit blocks
-        and slots for `num_new_tokens` more tokens; returns its whole block table. The ledger
-        has already decided that the blocks exist: failing here is a bug."""
+        and slots for `num_new_tokens` more tokens; returns the blocks added to its table
+        (the hits, then new ones), usually none for a decode. The ledger has already decided
+        that the blocks exist: failing here is a bug."""
 
     def free(self, request: Request, *, preempted: bool) -> None:
         """`request` gives its blocks back (finished, aborted, or preempted)."""
@@ -59,13 +60,13 @@ class BlockTables:
         """How many of `blocks` somebody holds (a hit on them costs nothing)."""
         return sum(1 for b in blocks if b in self._holders)
 
-    def record(self, rid: str, table: Sequence[int]) -> None:
-        """`rid`'s table after an allocation: it extends the table recorded before."""
-        old = self.tables.get(rid, ())
-        if list(table[:len(old)]) != list(old):
-            raise AssertionError(f"{rid}: block table {list(table)} does not extend {list(old)}")
+    def extend(self, rid: str, added: Sequence[int]) -> None:
+        """Blocks an allocation appended to `rid`'s table (block tables only grow)."""
+        table = self.tables.setdefault(rid, [])
+        if not added:
+            return
         charged = self.charged.get(rid, 0)
-        for block in table[len(old):]:
+        for block in added:
             holders = self._holders.get(block)
             if holders is None:
                 self._holders[block] = [rid]
@@ -74,7 +75,7 @@ class BlockTables:
                 raise AssertionError(f"{rid} holds block {block} twice")
             else:
                 holders.append(rid)
-        self.tables[rid] = list(table)
+        table.extend(added)
         self.charged[rid] = charged
 
     def drop(self, rid: str) -> dict[str, int]:
@@ -140,6 +141,7 @@ class SimBlockPool:
     def allocate(self, request: Request, hits: list[int], num_new_tokens: int) -> list[int]:
         rid = request.request_id
         table = self._tables.setdefault(rid, [])
+        added = list(hits)
         if hits:
             if table:
                 raise AssertionError(f"{rid}: prefix hits for a request that holds blocks")
@@ -161,9 +163,10 @@ class SimBlockPool:
                     del self._cached[key]
             self._ref[block] = 1
             table.append(block)
+            added.append(block)
         if self.caching:
             self._cache_full_blocks(request, table, min(end, request.num_tokens) // self.block_size)
-        return table
+        return added
 
     def _cache_full_blocks(self, request: Request, table: list[int], num_full: int) -> None:
         rid = request.request_id

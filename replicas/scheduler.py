@@ -188,6 +188,12 @@ class ReplicaScheduler:
                 continue  # seen twice: a critical admission queued its victims mid-scan
             if request.status is Status.PREEMPTED and any(v is request for v, _ in plan.preempted):
                 continue  # preempted in this very step (vLLM resumes nobody in the step that preempted them)
+            if (self.pool is not None and not request.num_computed_tokens and not request.swapped_blocks
+                    and policy.admission_hopeless(request, (request.num_tokens - 1) // self.config.block_size)):
+                num_refused += 1  # refused whatever its prefix hit: no lookup
+                if policy.head_of_line_blocking or num_refused >= policy.admission_scan_limit:
+                    break
+                continue
             hits = self._look_up_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             self._admission_hits = frozenset(hits) if hits else frozenset()
@@ -248,7 +254,7 @@ class ReplicaScheduler:
         assert self.tables is not None and self.pool is not None
         assert not hits or self.tables.num_held_by_others(hits) == request.num_shared_blocks, (
             f"{request.request_id}: its hit blocks changed holders during its admission")
-        self.tables.record(request.request_id, self.pool.allocate(request, hits or [], n))
+        self.tables.extend(request.request_id, self.pool.allocate(request, hits or [], n))
 
     def check_blocks(self) -> None:
         """The ledger's charges are the tables' (raises AssertionError): every running

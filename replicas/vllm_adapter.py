@@ -263,7 +263,8 @@ class _VllmBlockPool:
                                                        full_sequence_must_fit=False)
         if blocks is None:
             raise s._desync(f"no blocks for {num_new_tokens} more tokens of {rid} ({request.status.name})")
-        return s.kv_cache_manager.get_block_ids(rid)[0]
+        new = blocks.get_block_ids()[0] if blocks.blocks[0] else []
+        return hits + new if hits else new
 
     def free(self, mirror: Request, *, preempted: bool) -> None:
         """A preemption happens in vLLM now; a finished or aborted request vLLM has freed."""

@@ -20,14 +20,16 @@ def prefill_all(s, now=0.0):
 
 def test_block_tables_charge_each_block_once_and_pass_it_on():
     tables = BlockTables()
-    tables.record("a", [1, 2, 3])
-    tables.record("b", [1, 2, 7])
+    tables.extend("a", [1, 2, 3])
+    tables.extend("b", [1, 2])
+    tables.extend("b", [7])
+    assert tables.tables["b"] == [1, 2, 7]
     assert tables.charged == {"a": 3, "b": 1} and tables.num_in_use == 4
     assert tables.num_held_by_others([1, 2, 9]) == 2
     assert tables.drop("a") == {"b": 2}
     assert tables.charged == {"b": 3} and tables.num_in_use == 3
-    with pytest.raises(AssertionError, match="does not extend"):
-        tables.record("b", [2, 1, 7, 8])
+    with pytest.raises(AssertionError, match="twice"):
+        tables.extend("b", [2])
 
 
 def test_pool_hits_whole_blocks_and_stops_short_of_the_last_token():

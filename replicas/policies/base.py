@@ -64,6 +64,14 @@ class Policy:
         copy the queue (it can be long); the scheduler dequeues admitted requests after."""
         return iter(waiting)
 
+    def admission_hopeless(self, request: Request, max_shared_blocks: int) -> bool:
+        """True only if `try_admit` would refuse `request` even if its prefix hit were as
+        large as it can be (`max_shared_blocks` of its blocks held by others), and would
+        change nothing on the way: the scheduler then skips its prefix lookup, which costs
+        more than the refusal on a long queue. Must never refuse what try_admit would
+        admit. vLLM's gate (the default) always looks up, as vLLM does."""
+        return False
+
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
         """Give `request` a share covering its next `num_new_tokens`, or change nothing.
 

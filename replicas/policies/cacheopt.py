@@ -92,6 +92,14 @@ class CacheOptPolicy(EdfPolicy):
             self._extend_bound(request)
             self.projection.set(rid, *self._entry(request))
 
+    def admission_hopeless(self, request: Request, max_shared_blocks: int) -> bool:
+        """The projected peak does not fit even with the largest possible hit, and neither a
+        critical admission nor a bound extension (try_admit's side effect) is due."""
+        if request.num_output_tokens >= request.bound_output_tokens or self._is_critical(request):
+            return False
+        finish, offset = self._entry(request)
+        return not self._fits_projection((finish, offset - (max_shared_blocks - request.num_shared_blocks) * self.block_size))
+
     def try_admit(self, request: Request, num_new_tokens: int) -> bool:
         rid = request.request_id
         need = max(self._blocks_after(request, num_new_tokens), request.swapped_blocks)

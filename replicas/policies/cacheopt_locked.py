@@ -24,6 +24,9 @@ class LockedCacheOptPolicy(CacheOptPolicy):
         super().__init__(*args, **kwargs)
         self.lookahead_tokens = self.config.topup_lookahead_iters if self.config.topup else 0
 
+    def admission_hopeless(self, request: Request, max_shared_blocks: int) -> bool:
+        return False  # reservations, embedding and a refusal memo of its own: always the full path
+
     def _target_blocks(self, request: Request) -> int:
         return self._own_blocks(request, request.prompt_tokens + request.bound_output_tokens)
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 
 from replicas.config import CacheOptConfig
 from replicas.latency import LatencyModel
+from replicas.plan import blocks_for
 from replicas.policies.base import Policy
 from replicas.request import Request, Status
 
@@ -141,6 +142,11 @@ class EdfPolicy(Policy):
             self.ledger.try_hold(request.request_id, need)
             return True
         return False
+
+    def admission_hopeless(self, request: Request, max_shared_blocks: int) -> bool:
+        """vLLM's gate refuses even the largest possible hit, and no critical admission."""
+        best = max(blocks_for(request.num_tokens, self.block_size) - max_shared_blocks, 0)
+        return best > self.ledger.free and not self._is_critical(request)
 
     def _is_critical(self, request: Request) -> bool:
         """Slack below the largest recent iteration time, but not yet negative: a deadline
