@@ -177,3 +177,41 @@ def test_a_critical_admission_never_preempts_the_holder_of_its_own_prefix():
     assert s.policy._is_critical(newcomer) and not plan.preempted and newcomer not in plan.scheduled
     s.ledger.check_invariants()
     s.check_blocks()
+
+
+@pytest.mark.parametrize("policy", ["edf", "cacheopt"])
+def test_skipping_hopeless_lookups_changes_no_decision(policy, monkeypatch):
+    """A policy may refuse before the prefix lookup only what it would refuse after it:
+    shared-prefix sessions under KV pressure, with and without the shortcut."""
+    from bench.sessions import SessionWorkload, session_trace
+    from bench.simulate import SimSetup, simulate
+    from bench.traces import scale_to_rate
+    from replicas.config import CacheOptConfig
+    from replicas.policies.base import Policy
+    from replicas.policies.cacheopt import CacheOptPolicy
+    from replicas.policies.edf import EdfPolicy
+
+    requests = scale_to_rate(session_trace(SessionWorkload(num_sessions=80), seed=1), 12.0)
+    setup = SimSetup(kv_blocks=1024, cacheopt=CacheOptConfig(critical_admission=True))
+
+    def outcomes():
+        result = simulate(requests, policy, setup, predictor=None if policy == "edf" else _FixedBound())
+        return [(o.request_id, o.first_token_s, o.finish_s, o.shed) for o in result.outcomes], result.stats.counters
+
+    with_shortcut, counters = outcomes()
+    assert counters["shed"] > 0  # under pressure: refusals happened
+    for cls in (EdfPolicy, CacheOptPolicy):
+        monkeypatch.setattr(cls, "admission_hopeless", Policy.admission_hopeless)
+    assert outcomes()[0] == with_shortcut
+
+
+class _FixedBound:
+    name = "fixed"
+
+    def predict(self, request, confidence):
+        from predictor.base import LengthPrediction
+
+        return LengthPrediction(point_tokens=60, bound_tokens=min(request.max_tokens, 120))
+
+    def conditional_bound(self, request, generated_tokens, confidence):
+        return min(request.max_tokens, generated_tokens + 60)
