@@ -110,12 +110,11 @@ class SimBlockPool:
     (vllm/v1/core/block_pool.py): full blocks become cached when scheduled (a key computed
     twice names both blocks, and a hit takes the first); a freed block with a key stays
     cached, least recently freed evicted first, while blocks without a key are reused
-    first; a request's blocks are freed tail first. `caching=False` is
-    vLLM with prefix caching off (no hits)."""
+    first; a request's blocks are freed tail first. (Prefix caching off is no pool at all:
+    the scheduler then only counts blocks.)"""
 
-    def __init__(self, num_blocks: int, block_size: int, *, caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
-        self.caching = caching
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # next to allocate first
         self._key: list[Hashable | None] = [None] * num_blocks
         self._ref = [0] * num_blocks
@@ -128,8 +127,6 @@ class SimBlockPool:
         return len(self._free)
 
     def lookup(self, request: Request) -> list[int]:
-        if not self.caching:
-            return []
         hits = []
         for i in range((request.num_tokens - 1) // self.block_size):
             blocks = self._cached.get(sim_block_key(request, i))
@@ -164,8 +161,7 @@ class SimBlockPool:
             self._ref[block] = 1
             table.append(block)
             added.append(block)
-        if self.caching:
-            self._cache_full_blocks(request, table, min(end, request.num_tokens) // self.block_size)
+        self._cache_full_blocks(request, table, min(end, request.num_tokens) // self.block_size)
         return added
 
     def _cache_full_blocks(self, request: Request, table: list[int], num_full: int) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from replicas.config import SchedulerConfig
@@ -49,7 +49,7 @@ class ReplicaScheduler:
         self.pool = pool
         self.tables = BlockTables() if pool is not None else None
         self.async_steps = async_steps
-        self._admission_hits: frozenset[int] = frozenset()  # the prefix hits of the request offered admission
+        self._admission_hits: Sequence[int] = ()  # the prefix hits of the request offered admission
         self.waiting: list[Request] = []  # new and preempted requests, in the policy's queue order
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
@@ -188,17 +188,16 @@ class ReplicaScheduler:
                 continue  # seen twice: a critical admission queued its victims mid-scan
             if request.status is Status.PREEMPTED and any(v is request for v, _ in plan.preempted):
                 continue  # preempted in this very step (vLLM resumes nobody in the step that preempted them)
-            if (self.pool is not None and not request.num_computed_tokens and not request.swapped_blocks
-                    and policy.admission_hopeless(request, (request.num_tokens - 1) // self.config.block_size)):
-                num_refused += 1  # refused whatever its prefix hit: no lookup
-                if policy.head_of_line_blocking or num_refused >= policy.admission_scan_limit:
-                    break
-                continue
-            hits = self._look_up_prefix(request)
+            # A request the policy refuses whatever its prefix hit is refused without a lookup.
+            hopeless = self._looks_up_prefix(request) and policy.admission_hopeless(
+                request, (request.num_tokens - 1) // self.config.block_size)
+            hits = None if hopeless else self._look_up_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            self._admission_hits = frozenset(hits) if hits else frozenset()
-            accepted = policy.try_admit(request, n)
-            self._admission_hits = frozenset()
+            accepted = False
+            if not hopeless:
+                self._admission_hits = hits or ()
+                accepted = policy.try_admit(request, n)
+                self._admission_hits = ()
             if plan.refunded_tokens:  # a critical admission preempted someone scheduled this step
                 budget += plan.refunded_tokens
                 plan.refunded_tokens = 0
@@ -229,13 +228,17 @@ class ReplicaScheduler:
         for request in admitted:
             self._dequeue(request)
 
-    def _look_up_prefix(self, request: Request) -> list[int] | None:
+    def _looks_up_prefix(self, request: Request) -> bool:
         """A request without computed tokens (new, or preempted to recompute) starts from
-        its longest cached prefix, as in vLLM: the hit counts as computed, and the hit
-        blocks somebody holds are not charged to it. None when there was no lookup."""
-        if self.pool is None or request.num_computed_tokens or request.swapped_blocks:
+        its longest cached prefix, as in vLLM."""
+        return self.pool is not None and not request.num_computed_tokens and not request.swapped_blocks
+
+    def _look_up_prefix(self, request: Request) -> list[int] | None:
+        """The hit counts as computed, and the hit blocks somebody holds are not charged to
+        the request. None when there was no lookup."""
+        if not self._looks_up_prefix(request):
             return None
-        assert self.tables is not None
+        assert self.pool is not None and self.tables is not None
         hits = self.pool.lookup(request)
         request.num_computed_tokens = len(hits) * self.config.block_size
         request.num_shared_blocks = self.tables.num_held_by_others(hits)
@@ -247,7 +250,7 @@ class ReplicaScheduler:
         can use (policies exclude such victims)."""
         if not self._admission_hits or self.tables is None:
             return False
-        return not self._admission_hits.isdisjoint(self.tables.tables.get(request.request_id, ()))
+        return not set(self._admission_hits).isdisjoint(self.tables.tables.get(request.request_id, ()))
 
     def _place(self, request: Request, n: int, hits: list[int] | None = None) -> None:
         """Allocate in the pool what the ledger granted: slots for `n` more tokens."""
