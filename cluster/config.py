@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from replicas.engines.config import EngineConfig
 from replicas.policies import SIMULATOR_ONLY, check_policy_names
+
+DEFAULT_PREDICTOR = Path(__file__).resolve().parents[1] / "predictor" / "data" / "length-conv.json"
 
 
 class ConfigError(ValueError):
@@ -20,30 +23,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EngineConfig(_Strict):
-    """One replica's engine."""
-
-    kind: Literal["vllm", "sim"] = "vllm"  # sim: the simulated engine, stepping in real time
-    model: str = "models/tiny-llama"
-    served_model_name: str = "tiny-llama"
-    random_weights: bool = True  # load_format=dummy: real compute, meaningless text (said in /v1/models)
-    block_size: int = Field(32, ge=1)
-    kv_blocks: int | None = Field(256, ge=2)  # num_gpu_blocks_override; None: sized by vLLM
-    max_model_len: int = Field(2048, ge=16)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
-    kv_cache_space_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE
-    num_gpus: float = Field(0.0, ge=0)  # per replica, asked of Ray (1 on GPU nodes)
-    latency_model: str = "tiny-llama-cpu"  # the policy's cost model and the simulated engine's step times (replicas.latency)
-
-    @model_validator(mode="after")
-    def _fits(self) -> EngineConfig:
-        if self.kv_blocks is not None and (self.kv_blocks - 1) * self.block_size < self.max_model_len:
-            raise ValueError(f"kv_blocks={self.kv_blocks} of {self.block_size} tokens cannot hold one request of "
-                             f"max_model_len={self.max_model_len}")
-        return self
 
 
 class PolicyConfig(_Strict):
@@ -70,13 +49,22 @@ class ClusterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     ray_address: str | None = None  # None: start a local Ray
-    redis_url: str | None = None  # None: the in-process reserve store
+    redis_url: str | None = None  # None: leases reach replicas only from the global scheduler
     max_queued_requests: int = Field(256, ge=1)  # per replica; beyond it: 429 with Retry-After
-    # kv: by the replicas' KV snapshots (p2c when they are stale); p2c: power of two choices
-    # on requests in flight, like Ray Serve's default router (for comparisons).
+    # kv: Serve's proxy routes by the replicas' KV snapshots (cluster.router; power of two
+    # choices when they are stale); p2c: Ray Serve's default router, for comparisons.
     router: Literal["kv", "p2c"] = "kv"
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
+
+    def engine_settings(self):
+        """What each replica's engine is told about the policy (replicas.engine_settings)."""
+        from replicas.engine_settings import EngineSettings
+
+        predictor = self.policy.predictor_path or (str(DEFAULT_PREDICTOR) if DEFAULT_PREDICTOR.is_file() else None)
+        return EngineSettings(policy=self.policy.name, predictor_path=predictor,
+                              latency_model=self.engine.latency_model, default_slo=self.policy.default_slo,
+                              cacheopt={"confidence": self.policy.confidence})
 
 
 def load_config(path: Path | None = None, **overrides) -> ClusterConfig:

@@ -1,12 +1,14 @@
-"""Prometheus text exposition of the ingress: vLLM's metric names where they overlap,
-`cacheopt_*` for CacheOPT's own. Written by hand (the format is four lines of grammar) so
-that each ingress replica reports exactly what it saw and what the replicas last published.
+"""Prometheus text exposition of the cluster: vLLM's metric names where they overlap,
+`cacheopt_*` for CacheOPT's own. Written by hand (the format is four lines of grammar).
+Each replica counts what it served; `/metrics`, answered by whichever replica the proxy
+picks, renders the sums of what every live replica last reported to the global scheduler
+(at most one report period, 0.5 s, old).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 from replicas.snapshot import KVSnapshot
 
@@ -23,21 +25,24 @@ CACHEOPT_COUNTERS = {
 }
 
 
-class ClusterMetrics:
-    def __init__(self, num_replicas: int):
-        self.num_replicas = num_replicas
+class ReplicaMetrics:
+    """One replica's request counters and TTFT histogram; `as_dict` travels to the global
+    scheduler with each report, and `render` sums what every replica last reported."""
+
+    COUNTERS = ("requests", "finished", "failed", "cancelled", "rejected", "shed", "prompt_tokens",
+                "generation_tokens")
+
+    def __init__(self) -> None:
         self.requests = 0
         self.finished = 0
         self.failed = 0
+        self.cancelled = 0  # the client left before the end
         self.rejected = 0
-        self.shed = 0  # of the rejected: refused by a replica's policy after a bounded wait
+        self.shed = 0  # of the rejected: refused by the replica's policy after a bounded wait
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)
         self.ttft_sum = 0.0
-        self.snapshots: list[KVSnapshot | None] = [None] * num_replicas
-        self.confidence = float("nan")
-        self.arrival_rate = 0.0
 
     def on_request(self, prompt_tokens: int) -> None:
         self.requests += 1
@@ -47,70 +52,83 @@ class ClusterMetrics:
         self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS_S, ttft_s)] += 1
         self.ttft_sum += ttft_s
 
-    def on_finish(self, progress) -> None:
+    def on_finish(self, tokens: int) -> None:
         self.finished += 1
-        self.generation_tokens += progress.tokens
+        self.generation_tokens += tokens
 
-    def set_snapshots(self, snapshots: Sequence[KVSnapshot | None]) -> None:
-        self.snapshots = list(snapshots)
+    def as_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.COUNTERS}, "ttft_counts": list(self.ttft_counts),
+                "ttft_sum": self.ttft_sum}
 
-    def set_control(self, confidence: float, arrival_rate: float) -> None:
-        self.confidence, self.arrival_rate = confidence, arrival_rate
 
-    def render(self) -> str:
-        out: list[str] = []
+def render(replicas: Mapping[str, dict], confidence: float, arrival_rate: float) -> str:
+    """The cluster's metrics from each live replica's last report: {"metrics":
+    ReplicaMetrics.as_dict(), "snapshot": KVSnapshot dict or None}."""
+    totals = {k: sum(r["metrics"].get(k, 0) for r in replicas.values()) for k in ReplicaMetrics.COUNTERS}
+    ttft_counts = [sum(c) for c in zip(*(r["metrics"].get("ttft_counts", ()) for r in replicas.values()))] \
+        or [0] * (len(TTFT_BUCKETS_S) + 1)
+    ttft_sum = sum(r["metrics"].get("ttft_sum", 0.0) for r in replicas.values())
+    snapshots = {name: KVSnapshot.from_dict(r["snapshot"]) for name, r in sorted(replicas.items()) if r.get("snapshot")}
+    return _render(totals, ttft_counts, ttft_sum, snapshots, confidence, arrival_rate)
 
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-                out.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
 
-        metric("vllm:request_success_total", "counter", "requests that finished", [({}, self.finished)])
-        metric("vllm:prompt_tokens_total", "counter", "prompt tokens received", [({}, self.prompt_tokens)])
-        metric("vllm:generation_tokens_total", "counter", "tokens generated", [({}, self.generation_tokens)])
-        metric("cacheopt_requests_failed_total", "counter", "requests a replica failed", [({}, self.failed)])
-        metric("cacheopt_requests_rejected_total", "counter", "requests refused with 429", [({}, self.rejected)])
-        metric("cacheopt_requests_shed_total", "counter",
-               "requests a replica's policy refused after a bounded wait (429; also in rejected)", [({}, self.shed)])
-        cumulative, buckets = 0, []
-        for edge, count in zip(TTFT_BUCKETS_S, self.ttft_counts):
-            cumulative += count
-            buckets.append(({"le": f"{edge}"}, cumulative))
-        buckets.append(({"le": "+Inf"}, cumulative + self.ttft_counts[-1]))
-        out.append("# HELP vllm:time_to_first_token_seconds time to first token, seen at the ingress")
-        out.append("# TYPE vllm:time_to_first_token_seconds histogram")
-        for labels, value in buckets:
-            out.append(f'vllm:time_to_first_token_seconds_bucket{{le="{labels["le"]}"}} {value}')
-        out.append(f"vllm:time_to_first_token_seconds_sum {self.ttft_sum}")
-        out.append(f"vllm:time_to_first_token_seconds_count {cumulative + self.ttft_counts[-1]}")
+def _render(totals: dict, ttft_counts: list[int], ttft_sum: float, snapshots: Mapping[str, KVSnapshot],
+            confidence: float, arrival_rate: float) -> str:
+    out: list[str] = []
 
-        live = [(i, s) for i, s in enumerate(self.snapshots) if s is not None]
-        metric("vllm:num_requests_running", "gauge", "requests running, per replica",
-               [({"replica": str(i)}, s.num_running) for i, s in live])
-        metric("vllm:num_requests_waiting", "gauge", "requests waiting, per replica",
-               [({"replica": str(i)}, s.num_waiting) for i, s in live])
-        metric("vllm:kv_cache_usage_perc", "gauge", "share of KV blocks holding data, per replica",
-               [({"replica": str(i)}, round(1 - (s.free_blocks + s.reserve_free_blocks + s.idle_blocks)
-                                         / s.total_blocks, 6)) for i, s in live])
-        metric("cacheopt_kv_reserved_idle_blocks", "gauge", "blocks promised to running requests but unwritten",
-               [({"replica": str(i)}, s.idle_blocks) for i, s in live])
-        metric("cacheopt_kv_headroom_blocks", "gauge", "free plus idle blocks less the queue's needs",
-               [({"replica": str(i)}, s.headroom_blocks) for i, s in live])
-        metric("cacheopt_reserve_free_blocks", "gauge", "global-reserve blocks free, per replica",
-               [({"replica": str(i)}, s.reserve_free_blocks) for i, s in live])
-        metric("cacheopt_reserve_lease_blocks", "gauge", "global-reserve lease, per replica",
-               [({"replica": str(i)}, s.reserve_target_blocks) for i, s in live])
-        by_name: dict[str, list] = {}
-        helps = {}
-        for key, (name, help_, labels) in CACHEOPT_COUNTERS.items():
-            helps[name] = help_
-            for i, s in live:
-                by_name.setdefault(name, []).append(({"replica": str(i), **labels}, s.counters.get(key, 0)))
-        for name, samples in by_name.items():
-            metric(name, "counter", helps[name], samples)
-        metric("cacheopt_confidence_p", "gauge", "confidence p the global scheduler set", [({}, self.confidence)])
-        metric("cacheopt_arrival_rate_rps", "gauge", "cluster arrival rate the global scheduler estimates",
-               [({}, self.arrival_rate)])
-        return "\n".join(out) + "\n"
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            out.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+
+    metric("vllm:request_success_total", "counter", "requests that finished", [({}, totals["finished"])])
+    metric("vllm:prompt_tokens_total", "counter", "prompt tokens received", [({}, totals["prompt_tokens"])])
+    metric("vllm:generation_tokens_total", "counter", "tokens generated", [({}, totals["generation_tokens"])])
+    metric("cacheopt_requests_failed_total", "counter", "requests a replica failed", [({}, totals["failed"])])
+    metric("cacheopt_requests_cancelled_total", "counter", "requests whose client left before the end",
+           [({}, totals["cancelled"])])
+    metric("cacheopt_requests_rejected_total", "counter", "requests refused with 429", [({}, totals["rejected"])])
+    metric("cacheopt_requests_shed_total", "counter",
+           "requests a replica's policy refused after a bounded wait (429; also in rejected)", [({}, totals["shed"])])
+    cumulative, buckets = 0, []
+    for edge, count in zip(TTFT_BUCKETS_S, ttft_counts):
+        cumulative += count
+        buckets.append(({"le": f"{edge}"}, cumulative))
+    buckets.append(({"le": "+Inf"}, cumulative + ttft_counts[-1]))
+    out.append("# HELP vllm:time_to_first_token_seconds time to first token, seen by the serving replica")
+    out.append("# TYPE vllm:time_to_first_token_seconds histogram")
+    for labels, value in buckets:
+        out.append(f'vllm:time_to_first_token_seconds_bucket{{le="{labels["le"]}"}} {value}')
+    out.append(f"vllm:time_to_first_token_seconds_sum {ttft_sum}")
+    out.append(f"vllm:time_to_first_token_seconds_count {cumulative + ttft_counts[-1]}")
+
+    live = list(snapshots.items())
+    metric("vllm:num_requests_running", "gauge", "requests running, per replica",
+           [({"replica": str(i)}, s.num_running) for i, s in live])
+    metric("vllm:num_requests_waiting", "gauge", "requests waiting, per replica",
+           [({"replica": str(i)}, s.num_waiting) for i, s in live])
+    metric("vllm:kv_cache_usage_perc", "gauge", "share of KV blocks holding data, per replica",
+           [({"replica": str(i)}, round(1 - (s.free_blocks + s.reserve_free_blocks + s.idle_blocks)
+                                     / s.total_blocks, 6)) for i, s in live])
+    metric("cacheopt_kv_reserved_idle_blocks", "gauge", "blocks promised to running requests but unwritten",
+           [({"replica": str(i)}, s.idle_blocks) for i, s in live])
+    metric("cacheopt_kv_headroom_blocks", "gauge", "free plus idle blocks less the queue's needs",
+           [({"replica": str(i)}, s.headroom_blocks) for i, s in live])
+    metric("cacheopt_reserve_free_blocks", "gauge", "global-reserve blocks free, per replica",
+           [({"replica": str(i)}, s.reserve_free_blocks) for i, s in live])
+    metric("cacheopt_reserve_lease_blocks", "gauge", "global-reserve lease, per replica",
+           [({"replica": str(i)}, s.reserve_target_blocks) for i, s in live])
+    by_name: dict[str, list] = {}
+    helps = {}
+    for key, (name, help_, labels) in CACHEOPT_COUNTERS.items():
+        helps[name] = help_
+        for i, s in live:
+            by_name.setdefault(name, []).append(({"replica": str(i), **labels}, s.counters.get(key, 0)))
+    for name, samples in by_name.items():
+        metric(name, "counter", helps[name], samples)
+    metric("cacheopt_confidence_p", "gauge", "confidence p the global scheduler set", [({}, confidence)])
+    metric("cacheopt_arrival_rate_rps", "gauge", "cluster arrival rate the global scheduler estimates",
+           [({}, arrival_rate)])
+    return "\n".join(out) + "\n"

@@ -120,6 +120,25 @@ class PromptRenderer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self.tokenizer)
+
+
+class StreamDecoder:
+    """Incremental detokenization of one stream: text is emitted once its bytes are whole,
+    so a character split over several tokens (or over several engine steps) arrives intact
+    instead of as U+FFFD pieces."""
+
+    def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=False)
+
+    def step(self, ids: list[int]) -> str:
+        pieces = (self._stream.step(self._tokenizer, i) for i in ids)
+        return "".join(p for p in pieces if p)
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,33 +1,107 @@
-"""Choosing a replica: by fresh KV headroom, or power-of-two by queue length without it.
+"""Choosing a replica by KV headroom, as a Ray Serve request router.
 
-Pure: the ingress feeds it the replicas' latest snapshots and its own in-flight counts.
+`rank_by_headroom` is the rule, pure: replicas ranked by the blocks they can still take
+(free plus idle reservations, less what their queue will take), less what this router sent
+them since their snapshot was taken, failing replicas last. `KVHeadroomRouter` plugs it into
+Ray Serve (`request_router_class`): Serve's HTTP proxy (and any handle to the serving
+deployment) routes with it, then Serve's own queue-length check picks the first ranked
+replica that has room. Snapshots reach it as the replicas' routing statistics
+(`record_routing_stats`, every ROUTING_STATS_PERIOD_S). Without fresh snapshots for every
+candidate it falls back to power of two choices, Serve's default.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from replicas.snapshot import KVSnapshot
 
 # A snapshot older than this is not trusted (the replica may be gone or stuck).
 SNAPSHOT_MAX_AGE_S = 2.0
+ROUTING_STATS_PERIOD_S = 0.1  # how often Serve's controller collects each replica's snapshot
 
 
-def choose_replica(snapshots: Sequence[KVSnapshot | None], in_flight: Sequence[int], unseen_need: Sequence[int],
-                   now_s: float, rng: random.Random) -> tuple[int, str]:
-    """(replica index, how it was chosen). With fresh snapshots for every replica: the one
-    with the most headroom (free plus idle reservations, minus what its queue will take,
-    minus `unseen_need`: blocks of requests sent to it after its snapshot was taken), ties
-    broken by the larger global reserve and then by fewer requests in flight. Otherwise:
-    power of two choices on requests in flight."""
-    n = len(in_flight)
-    if n == 1:
-        return 0, "only"
-    fresh = all(s is not None and now_s - s.taken_s <= SNAPSHOT_MAX_AGE_S for s in snapshots)
-    if fresh:
-        best = max(range(n), key=lambda i: (snapshots[i].headroom_blocks - unseen_need[i],
-                                            snapshots[i].reserve_free_blocks, -in_flight[i], -i))
-        return best, "kv"
-    a, b = rng.sample(range(n), 2)
-    return (a if in_flight[a] <= in_flight[b] else b), "p2c"
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the router knows of one candidate replica."""
+
+    snapshot: KVSnapshot | None
+    sent_since_snapshot: int = 0  # requests this router sent it after the snapshot was taken
+    healthy: bool = True  # False: it failed requests lately or its engine is dead
+    request_blocks: float = 0.0  # what a request asks of its KV cache, smoothed, as the replica saw
+
+
+def blocks_per_request(views: Sequence[ReplicaView]) -> float:
+    """The charge for each request sent since a snapshot (the router cannot see request
+    bodies): what the replicas say a request asks for, on average."""
+    known = [v.request_blocks for v in views if v.request_blocks > 0]
+    return sum(known) / len(known) if known else 0.0
+
+
+def rank_by_headroom(views: Sequence[ReplicaView], now_s: float) -> list[int] | None:
+    """Candidate indices, best first, or None when some snapshot is missing or stale."""
+    if any(v.snapshot is None or now_s - v.snapshot.taken_s > SNAPSHOT_MAX_AGE_S for v in views):
+        return None
+    charge = blocks_per_request(views)
+
+    def key(i: int):
+        v = views[i]
+        s = v.snapshot
+        assert s is not None
+        return (not v.healthy, -(s.headroom_blocks - charge * v.sent_since_snapshot), -s.reserve_free_blocks,
+                v.sent_since_snapshot + s.num_running + s.num_waiting, i)
+    return sorted(range(len(views)), key=key)
+
+
+def snapshot_of(routing_stats: dict) -> KVSnapshot | None:
+    data = routing_stats.get("kv") if routing_stats else None
+    try:
+        return None if data is None else KVSnapshot.from_dict(data)
+    except (TypeError, ValueError):
+        return None  # a replica of another version: route without its snapshot
+
+
+try:
+    from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+except ImportError:  # the pure rule above is usable without Ray
+    RequestRouter = None  # type: ignore[assignment,misc]
+
+if RequestRouter is not None:
+    class KVHeadroomRouter(FIFOMixin, RequestRouter):  # type: ignore[misc,valid-type]
+        """`request_router_class` of the serving deployment (see the module docstring)."""
+
+        def initialize_state(self, **kwargs) -> None:
+            # replica -> when this router sent it requests; bounded in case its snapshots stop
+            self._sent: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=4096))
+            self._rng = random.Random()
+
+        async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                                  pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+            if not candidate_replicas:
+                return []
+            now = time.time()
+            views = []
+            for replica in candidate_replicas:
+                stats = replica.routing_stats or {}
+                snap = snapshot_of(stats)
+                sent = self._sent[replica.replica_id.unique_id]
+                if snap is not None:
+                    while sent and sent[0] <= snap.taken_s:
+                        sent.popleft()  # the snapshot has seen it
+                views.append(ReplicaView(snap, len(sent), bool(stats.get("healthy", True)),
+                                         float(stats.get("request_blocks", 0.0))))
+            order = rank_by_headroom(views, now)
+            if order is None:  # power of two choices on queue length, as Serve's default router
+                pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))
+                return [pair]
+            return [[candidate_replicas[i]] for i in order]
+
+        def on_send_request(self, replica_id) -> None:
+            """Called as Serve sends a request, right after choosing (no await between, so
+            concurrent requests see each other's charge)."""
+            super().on_send_request(replica_id)
+            self._sent[replica_id.unique_id].append(time.time())

@@ -26,8 +26,9 @@ def start_ray(config: ClusterConfig) -> None:
                  _node_ip_address="127.0.0.1")
 
 
-def deploy(config: ClusterConfig) -> str:
-    """Deploy the application and wait until it answers; returns its base URL."""
+def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0) -> str:
+    """Deploy the application and wait until `/health` is OK (every replica's engine has
+    served its warm-up request); returns the base URL."""
     from ray import serve
 
     from cluster.app import build_app
@@ -36,14 +37,30 @@ def deploy(config: ClusterConfig) -> str:
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app({"config_dict": config.model_dump()}), name=APP_NAME, route_prefix="/",
               blocking=False)
-    return f"http://{config.host}:{config.port}"
+    url = f"http://{config.host}:{config.port}"
+    wait_until_ready(url, ready_timeout_s)
+    return url
+
+
+def wait_until_ready(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # the proxy is not listening yet, or no replica has started
+        time.sleep(0.5)
+    raise TimeoutError(f"the cluster at {url} was not ready after {timeout_s:.0f} s (see the Ray logs)")
 
 
 def shutdown() -> None:
     import ray
     from ray import serve
 
-    from cluster.app import GLOBAL_SCHEDULER, NAMESPACE
+    from global_scheduler.actor import GLOBAL_SCHEDULER, NAMESPACE
 
     try:
         serve.shutdown()
@@ -56,8 +73,8 @@ def shutdown() -> None:
 def serve_forever(config: ClusterConfig) -> None:
     url = deploy(config)
     engine = "simulated engine" if config.engine.kind == "sim" else f"vLLM on {config.engine.model}"
-    print(f"CacheOPT serving {config.engine.served_model_name} at {url}/v1 ({config.replicas} replicas, {engine}, "
-          f"policy {config.policy.name}); Ctrl-C stops.", flush=True)
+    print(f"CacheOPT ready: {config.engine.served_model_name} at {url}/v1 ({config.replicas} replicas, {engine}, "
+          f"policy {config.policy.name}, every engine warm); Ctrl-C stops.", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

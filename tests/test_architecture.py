@@ -19,8 +19,9 @@ def test_policy_core_imports_nothing_heavy():
 
 def test_only_the_adapter_and_the_engine_clients_import_vllm():
     """The scheduler seam lives in one module (replicas/vllm_adapter.py). The two places
-    that drive an engine, the benchmark (bench/engine.py) and a serving replica
-    (cluster/runtime.py), use vLLM's client API, lazily. Nothing else may."""
+    that drive an engine, replicas/engines/vllm.py (starting it, for the benchmark and the
+    serving replicas) and the benchmark's replay (bench/engine.py), use vLLM's client API,
+    lazily. Nothing else may."""
     import re
     from pathlib import Path
 
@@ -29,4 +30,16 @@ def test_only_the_adapter_and_the_engine_clients_import_vllm():
     importers = sorted(str(p.relative_to(root)) for folder in ("replicas", "predictor", "global_scheduler", "bench",
                                                                 "cluster")
                        for p in (root / folder).rglob("*.py") if pattern.search(p.read_text()))
-    assert importers == ["bench/engine.py", "cluster/runtime.py", "replicas/vllm_adapter.py"]
+    assert importers == ["bench/engine.py", "replicas/engines/vllm.py", "replicas/vllm_adapter.py"]
+
+
+def test_serving_does_not_import_the_benchmark():
+    """cluster/ reaches engines through replicas.engines; bench/ is for benchmarks."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"^\s*(from bench[\s.]|import bench\b)", re.MULTILINE)
+    serving = ["cluster/server.py", "cluster/app.py", "cluster/router.py", "cluster/serve.py", "cluster/config.py"]
+    assert [p for p in serving if pattern.search((root / p).read_text())] == []
+    assert [str(p.relative_to(root)) for p in (root / "replicas").rglob("*.py") if pattern.search(p.read_text())] == []

