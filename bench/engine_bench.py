@@ -51,7 +51,8 @@ class EngineBenchSpec:
     trace: str = "conv"
     policies: tuple[str, ...] = ("vllm", "cacheopt")
     rates: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
-    limit: int = 400  # requests per run, the first of the test split
+    limit: int = 400  # requests per run, the first of the replayed split
+    replay: str = "test"  # test for results; train to choose parameters
     length_divisor: float = 4.0
     max_tokens: int = 256  # the client's cap, after the division
     seed: int = 0
@@ -97,7 +98,7 @@ def workload(spec: EngineBenchSpec) -> tuple[list[TraceRequest], LengthQuantileP
         return [dataclasses.replace(r, output_tokens=min(r.output_tokens, spec.max_tokens)) for r in scaled]
 
     predictor = LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens, r.slo.name) for r in prepare(train))
-    return prepare(test[:spec.limit]), predictor, classes
+    return prepare((train if spec.replay == "train" else test)[:spec.limit]), predictor, classes
 
 
 def settings_for(policy: str, predictor_path: Path, classes: dict, step_log: Path) -> EngineSettings:

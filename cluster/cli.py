@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "except oracle")
     bench.add_argument("--rates", type=_floats, default="4,8,12,16", help="arrival rates in req/s")
     bench.add_argument("--limit", type=int, default=400, help="requests per run (default 400)")
+    bench.add_argument("--replay", choices=["test", "train"], default="test",
+                       help="which split to replay: test for results, train to choose parameters (default test)")
     bench.add_argument("--warmup", type=int, default=50,
                        help="requests replayed on each engine before the measured runs, not reported (default 50)")
     bench.add_argument("--repeats", type=int, default=1,
@@ -195,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve", help="run the serving cluster (OpenAI API on http://127.0.0.1:8000/v1)",
-        description="Start a local Ray (or join --ray-address), deploy the ingress, the replicas and the global "
-                    "scheduler, and serve the OpenAI API until Ctrl-C. With no arguments: two CPU vLLM replicas of "
-                    "the local model (random weights), no Redis.")
+        description="Start a local Ray (or join --ray-address), deploy the serving replicas (each the OpenAI "
+                    "server over its own engine, routed by KV headroom) and the global scheduler, wait until every "
+                    "engine is warm, print one ready line with the URL and serve until Ctrl-C. With no arguments: "
+                    "two CPU vLLM replicas of the local model (random weights), no Redis.")
     serve.add_argument("--config", type=Path, default=None, help="cluster YAML: any key of cluster/config.py (as under config_dict in deploy/serve-config.yaml)")
     serve.add_argument("--replicas", type=int, default=None)
     serve.add_argument("--engine", choices=["vllm", "sim"], default=None,
@@ -426,7 +429,9 @@ def _bench_targets(args: argparse.Namespace) -> int:
 
     targets = [(label, str(url).rstrip("/")) for label, url in args.target]
     spec = EngineBenchSpec(trace=args.trace, rates=args.rates, limit=args.limit, length_divisor=args.length_divisor,
-                           max_tokens=args.max_tokens, repeats=args.repeats, engine=_engine_setup(args))
+                           max_tokens=args.max_tokens, repeats=args.repeats, warmup=min(args.warmup, args.limit),
+                           replay=args.replay,
+                           engine=_engine_setup(args))
     trace, _, _ = workload(spec)
     vocab = json.loads((spec.engine.model / "config.json").read_text())["vocab_size"]
     models = {}
@@ -435,6 +440,10 @@ def _bench_targets(args: argparse.Namespace) -> int:
             models[label] = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
             raise ValueError(f"target {label} at {url} does not answer /v1/models: {error}") from None
+    for label, url in targets:  # warm each server up (not reported), as the engine benchmark does
+        if spec.warmup:
+            asyncio.run(replay_http(url, models[label], scale_to_rate(trace[:spec.warmup], spec.rates[0]),
+                                    vocab_size=vocab))
     rows = []
     total = len(targets) * len(spec.rates) * spec.repeats * spec.limit
     with tqdm(total=total, unit="req", disable=args.no_progress) as bar:
@@ -454,7 +463,7 @@ def _bench_targets(args: argparse.Namespace) -> int:
                                  "replicas_used": len(replicas)})
     out = args.out or Path("reports") / f"bench-http-{args.trace}"
     extra = ("## Setup\n\n" + "; ".join(f"`{label}` = {url} (model `{models[label]}`)" for label, url in targets)
-             + f". Trace `{spec.trace}` (test split, first {spec.limit} requests), lengths / {spec.length_divisor:g}, "
+             + f". Trace `{spec.trace}` ({spec.replay} split, first {spec.limit} requests), lengths / {spec.length_divisor:g}, "
              f"outputs capped at {spec.max_tokens}, streamed `/v1/completions` with `ignore_eos`. Command: "
              f"`cacheopt {' '.join(sys.argv[1:])}`")
     summary = write_report(out, rows, baseline=targets[0][0], title=f"HTTP replay: {args.trace} trace",

@@ -51,9 +51,10 @@ class ClusterConfig(_Strict):
     ray_address: str | None = None  # None: start a local Ray
     redis_url: str | None = None  # None: leases reach replicas only from the global scheduler
     max_queued_requests: int = Field(256, ge=1)  # per replica; beyond it: 429 with Retry-After
-    # kv: Serve's proxy routes by the replicas' KV snapshots (cluster.router; power of two
-    # choices when they are stale); p2c: Ray Serve's default router, for comparisons.
-    router: Literal["kv", "p2c"] = "kv"
+    # p2c: Ray Serve's default router (power of two choices on queue length); kv: our
+    # KV-headroom router (cluster.router). p2c is the default because kv has not been shown
+    # to beat it (docs/RESULTS.md 4.3: a tie within this machine's noise at two replicas).
+    router: Literal["kv", "p2c"] = "p2c"
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
 

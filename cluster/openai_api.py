@@ -1,4 +1,5 @@
-"""The OpenAI-compatible request models, errors and prompt rendering of the ingress.
+"""The OpenAI-compatible request models, errors, prompt rendering and incremental
+detokenization of a serving replica's HTTP front.
 
 A subset of OpenAI's `/v1/completions` and `/v1/chat/completions`: what a serving
 benchmark and the `openai` client send. Sampling fields are accepted as OpenAI defines
@@ -125,19 +126,28 @@ class PromptRenderer:
 
 
 class StreamDecoder:
-    """Incremental detokenization of one stream: text is emitted once its bytes are whole,
-    so a character split over several tokens (or over several engine steps) arrives intact
-    instead of as U+FFFD pieces."""
+    """Incremental detokenization of one stream, as vLLM does it: text is emitted once it
+    does not end in an incomplete character, so a character split over several tokens (or
+    engine steps) arrives whole instead of as U+FFFD pieces; `flush` emits what is left at
+    the end. Decoding restarts from the last emitted chunk, so a step costs its own tokens."""
 
     def __init__(self, tokenizer):
-        from tokenizers.decoders import DecodeStream
-
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=False)
+        self._ids: list[int] = []
+        self._prefix = 0  # ids[prefix:read] decoded to the text emitted last
+        self._read = 0
 
-    def step(self, ids: list[int]) -> str:
-        pieces = (self._stream.step(self._tokenizer, i) for i in ids)
-        return "".join(p for p in pieces if p)
+    def step(self, ids: list[int], *, final: bool = False) -> str:
+        self._ids += ids
+        emitted = self._tokenizer.decode(self._ids[self._prefix:self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix:])
+        if len(text) <= len(emitted) or (text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted):]
+
+    def flush(self) -> str:
+        return self.step([], final=True)
 
 
 def new_id(prefix: str) -> str:

@@ -1,8 +1,9 @@
 """Choosing a replica by KV headroom, as a Ray Serve request router.
 
-`rank_by_headroom` is the rule, pure: replicas ranked by the blocks they can still take
-(free plus idle reservations, less what their queue will take), less what this router sent
-them since their snapshot was taken, failing replicas last. `KVHeadroomRouter` plugs it into
+`rank_by_headroom` is the rule, pure: replicas with KV room for one more request (free
+plus idle reservations, less what their queue will take and what this router sent them
+since their snapshot) first, the least loaded of them first; without room, the most
+headroom first; failing replicas last. `KVHeadroomRouter` plugs it into
 Ray Serve (`request_router_class`): Serve's HTTP proxy (and any handle to the serving
 deployment) routes with it, then Serve's own queue-length check picks the first ranked
 replica that has room. Snapshots reach it as the replicas' routing statistics
@@ -43,7 +44,14 @@ def blocks_per_request(views: Sequence[ReplicaView]) -> float:
 
 
 def rank_by_headroom(views: Sequence[ReplicaView], now_s: float) -> list[int] | None:
-    """Candidate indices, best first, or None when some snapshot is missing or stale."""
+    """Candidate indices, best first, or None when some snapshot is missing or stale.
+
+    KV headroom decides where it binds: a replica with room for one more request (headroom
+    less the charge for what was sent since its snapshot) ranks before every replica
+    without, and among those without room the most headroom wins. Among replicas with room
+    the least loaded (running, waiting and sent since the snapshot) goes first, as Serve's
+    default router would pick: where KV is not short, compute is what a new request waits
+    for. Replicas that failed requests lately go last."""
     if any(v.snapshot is None or now_s - v.snapshot.taken_s > SNAPSHOT_MAX_AGE_S for v in views):
         return None
     charge = blocks_per_request(views)
@@ -52,8 +60,10 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float) -> list[int] | 
         v = views[i]
         s = v.snapshot
         assert s is not None
-        return (not v.healthy, -(s.headroom_blocks - charge * v.sent_since_snapshot), -s.reserve_free_blocks,
-                v.sent_since_snapshot + s.num_running + s.num_waiting, i)
+        room = s.headroom_blocks - charge * v.sent_since_snapshot
+        fits = room >= charge
+        load = v.sent_since_snapshot + s.num_running + s.num_waiting
+        return (not v.healthy, not fits, load if fits else 0, -room, -s.reserve_free_blocks, i)
     return sorted(range(len(views)), key=key)
 
 

@@ -26,7 +26,7 @@ def start_ray(config: ClusterConfig) -> None:
                  _node_ip_address="127.0.0.1")
 
 
-def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0) -> str:
+def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0, stop: threading.Event | None = None) -> str:
     """Deploy the application and wait until `/health` is OK (every replica's engine has
     served its warm-up request); returns the base URL."""
     from ray import serve
@@ -38,15 +38,17 @@ def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0) -> str:
     serve.run(build_app({"config_dict": config.model_dump()}), name=APP_NAME, route_prefix="/",
               blocking=False)
     url = f"http://{config.host}:{config.port}"
-    wait_until_ready(url, ready_timeout_s)
+    wait_until_ready(url, ready_timeout_s, stop)
     return url
 
 
-def wait_until_ready(url: str, timeout_s: float) -> None:
+def wait_until_ready(url: str, timeout_s: float, stop: threading.Event | None = None) -> None:
     import httpx
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt("stopped while starting")
         try:
             if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
                 return
@@ -71,13 +73,22 @@ def shutdown() -> None:
 
 
 def serve_forever(config: ClusterConfig) -> None:
-    url = deploy(config)
-    engine = "simulated engine" if config.engine.kind == "sim" else f"vLLM on {config.engine.model}"
-    print(f"CacheOPT ready: {config.engine.served_model_name} at {url}/v1 ({config.replicas} replicas, {engine}, "
-          f"policy {config.policy.name}, every engine warm); Ctrl-C stops.", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = False
+
+    def on_signal(*_) -> None:
+        if not started:  # serve.run blocks while the engines start: interrupt it
+            raise KeyboardInterrupt
+        stop.set()
+    start_ray(config)  # first: ray.init installs its own SIGTERM handler, which would abort without cleanup
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job inherits it ignored
+        signal.signal(sig, on_signal)
     try:
+        url = deploy(config, stop=stop)
+        started = True
+        engine = "simulated engine" if config.engine.kind == "sim" else f"vLLM on {config.engine.model}"
+        print(f"CacheOPT ready: {config.engine.served_model_name} at {url}/v1 ({config.replicas} replicas, {engine}, "
+              f"policy {config.policy.name}, every engine warm); Ctrl-C stops.", flush=True)
         while not stop.is_set():
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -1,19 +1,21 @@
 """The serving replica: one Ray Serve deployment of N replicas, each an OpenAI-compatible
 HTTP server over its own engine with CacheOPT inside.
 
-    client ──HTTP──> Serve proxy ──(KVHeadroomRouter)──> LLMServer replica ──> engine core
+    client ──HTTP──> Serve proxy ──(request router)──> LLMServer replica ──> engine core
                                                            │ every 0.5 s: arrivals, snapshot, counters
                                                            └──> GlobalScheduler actor: p, reserve lease, readiness
 
 Tokenizing, detokenizing (incrementally) and SSE happen in the replica, next to the
-engine, so a token crosses no Ray hop before the proxy: each engine step's new tokens of a
-stream become one SSE event. Serve manages the replicas (health checks, restarts,
-autoscaling, rolling updates); its proxy routes among them with our request router
-(cluster.router), which reads each replica's KV snapshot from `record_routing_stats`.
+engine, so a token crosses one Ray hop (replica to proxy), as one SSE event per engine step
+of its stream. Serve manages the replicas (health checks, restarts,
+autoscaling, rolling updates); its proxy routes among them with Serve's default router or,
+with `router: kv`, ours (cluster.router), which reads each replica's KV snapshot from
+`record_routing_stats`.
 
 A replica starts serving only after its engine has served a warm-up request; `/health`
-is 503 until every replica of the cluster has, and `check_health` fails when the engine is
-dead, so Serve replaces the replica and routes around it meanwhile.
+is 503 until every replica of the cluster has (then 200 while at least one replica can
+serve, "degraded" when not all can), and `check_health` fails when the engine is dead, so
+Serve replaces the replica and routes around it meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from starlette.types import Receive, Scope, Send
 
 from cluster.config import ClusterConfig
 from cluster.metrics import ReplicaMetrics, render
@@ -56,6 +59,10 @@ HEALTH_CHECK_PERIOD_S = 2.0  # Serve asks check_health this often; a dead engine
 FAILURE_WINDOW_S = 10.0  # a replica that failed a request this recently ranks last in routing
 MAX_ARRIVALS_BUFFERED = 100_000  # arrivals kept for the global scheduler while it is away
 REQUEST_BLOCKS_SMOOTHING = 0.1
+WARM_UP_TIMEOUT_S = 600.0
+# Only the front sets these: the reserve lease comes from the global scheduler, the trace
+# context from this replica's span.
+SERVER_ONLY_XARGS = (XARG_RESERVE, XARG_TRACEPARENT)
 
 
 def global_settings(config: ClusterConfig) -> dict:
@@ -64,6 +71,21 @@ def global_settings(config: ClusterConfig) -> dict:
     low, high = (r * config.replicas for r in p.rate_band_rps)
     return {"p_min": p.p_range[0], "p_max": p.p_range[1], "low_rps": low, "high_rps": high,
             "reserve_fraction": p.reserve_fraction, "redis_url": config.redis_url, "replicas": config.replicas}
+
+
+class _ClosingStream(StreamingResponse):
+    """A streaming response that always runs `on_close`, also when the client left before
+    the body generator started (Starlette then never runs the generator, nor its finally)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 class _Progress:
@@ -92,14 +114,21 @@ class LLMServer:
         self.confidence = self.config.policy.confidence
         self.lease: int | None = None
         self.arrival_rate = 0.0
-        self.cluster_ready = False
+        self.cluster_ready = False  # every replica has been warm at once (since then: 200 while any can serve)
+        self.ready_replicas = 0
+        self.scheduler_started_s: float | None = None
         self.failures: deque[float] = deque(maxlen=64)
         # What a request asks of the KV cache here, prompt plus output cap, smoothed: the
         # router charges it for each request it sends before a snapshot shows that request.
         self.request_blocks = float(blocks_for(self.config.engine.max_model_len // 2, self.config.engine.block_size))
         self.store = RedisStore(self.config.redis_url) if self.config.redis_url else None
         self._global = None
-        await self._warm_up()
+        self._control: asyncio.Task | None = None
+        try:
+            await asyncio.wait_for(self._warm_up(), WARM_UP_TIMEOUT_S)
+        except BaseException:
+            await self.engine.shutdown()  # Serve retries the replica: leave no engine process behind
+            raise
         self._control = asyncio.get_running_loop().create_task(self._control_loop())
 
     async def _warm_up(self) -> None:
@@ -124,46 +153,51 @@ class LLMServer:
     async def _report(self, configured: bool) -> bool:
         snap = self.engine.snapshot()
         snap_dict = None if snap is None else snap.to_dict()
+        redis_lease = None
         if self.store is not None:
             try:
                 if snap_dict is not None:
                     await asyncio.to_thread(self.store.publish_snapshot, self.replica_id, snap_dict)
-                lease = await asyncio.to_thread(self.store.lease, self.replica_id)
-                if lease is not None:
-                    self.lease = lease
+                redis_lease = await asyncio.to_thread(self.store.lease, self.replica_id)
             except StoreUnavailable:
-                pass  # keep the last lease; publish again when Redis is back
+                pass  # publish again when Redis is back; meanwhile the scheduler's reply carries the lease
+        if redis_lease is not None:
+            self.lease = redis_lease  # fenced by epoch in Redis: the freshest split
         arrivals = list(self.arrivals)
-        self.arrivals.clear()
+        self.arrivals.clear()  # sent once: a report that times out may still arrive, so no resend
         try:
             if self._global is None:
-                self._global = global_scheduler_handle(global_settings(self.config))
+                self._global = await asyncio.to_thread(global_scheduler_handle, global_settings(self.config))
                 configured = False
             if not configured:  # a redeploy's settings reach a scheduler that outlived the old deployment
                 await asyncio.wait_for(self._global.configure.remote(global_settings(self.config)), 5.0)
                 configured = True
             reply = await asyncio.wait_for(self._global.report.remote(
-                self.replica_id, arrivals, snap_dict, self.metrics.as_dict(), True), 5.0)
+                self.replica_id, arrivals, snap_dict, self.metrics.as_dict(), self._engine_healthy()), 5.0)
         except Exception as error:  # noqa: BLE001 (serving goes on with the last p and lease)
             log.warning("global scheduler unavailable (%s); keeping p=%.2f", error, self.confidence)
             self._global = None
-            self.arrivals.extendleft(reversed(arrivals))  # not lost: sent with the next report
             return False
+        if reply["started_s"] != self.scheduler_started_s:  # a new or restarted scheduler: tell it our settings
+            configured = self.scheduler_started_s is None
+            self.scheduler_started_s = reply["started_s"]
         self.confidence, self.arrival_rate = reply["confidence"], reply["arrival_rate_rps"]
-        if reply["lease"] is not None and self.store is None:
+        if redis_lease is None and reply["lease"] is not None:
             self.lease = reply["lease"]
-        elif reply["lease"] is not None and self.lease is None:
-            self.lease = reply["lease"]  # Redis has none yet (just restarted)
-        self.cluster_ready = reply["ready_replicas"] >= reply["expected_replicas"]
-        return True
+        self._set_readiness(reply["ready_replicas"], reply["expected_replicas"])
+        return configured
+
+    def _set_readiness(self, ready: int, expected: int) -> None:
+        self.ready_replicas = ready
+        self.cluster_ready = self.cluster_ready or ready >= expected
 
     # -- Serve's hooks ----------------------------------------------------------------------------
 
     def record_routing_stats(self) -> dict:
-        """The KV snapshot for the request router (cluster.router), and whether requests
-        failed here lately."""
+        """The KV snapshot for the request router (cluster.router), and whether this replica
+        can serve (its engine is alive and no request failed here lately)."""
         snap = self.engine.snapshot()
-        return {"kv": None if snap is None else snap.to_dict(), "healthy": self._healthy(),
+        return {"kv": None if snap is None else snap.to_dict(), "healthy": self._healthy() and self._engine_healthy(),
                 "request_blocks": self.request_blocks}
 
     def check_health(self) -> None:
@@ -172,14 +206,25 @@ class LLMServer:
     def _healthy(self) -> bool:
         return not (self.failures and time.time() - self.failures[-1] < FAILURE_WINDOW_S)
 
+    def _engine_healthy(self) -> bool:
+        try:
+            self.engine.check_health()
+            return True
+        except EngineDead:
+            return False
+
     async def __del__(self):
-        self._control.cancel()
-        await self.engine.shutdown()
+        # Serve calls this also when __init__ failed or was interrupted.
+        if getattr(self, "_control", None) is not None:
+            self._control.cancel()
+        if getattr(self, "engine", None) is not None:
+            await self.engine.shutdown()
 
     # -- a direct path for benchmarks and tests: token ids in, token ids out ----------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, extra_args: dict):
-        """What the HTTP path runs, without HTTP: the baseline of `cacheopt overhead`."""
+        """The engine call the HTTP path makes, without HTTP and the front's bookkeeping
+        (validation, queue limit, lease, metrics): the baseline of `cacheopt overhead`."""
         extra = {XARG_CONFIDENCE: self.confidence, XARG_MAX_TOKENS: max_tokens, **extra_args}
         async for ids in self.engine.generate(request_id, prompt_token_ids, max_tokens, extra):
             yield ids
@@ -193,16 +238,24 @@ class LLMServer:
         except EngineDead as error:
             return JSONResponse({"status": "unhealthy", "reason": str(error)}, status_code=503)
         if not self.cluster_ready:  # the last report may predate the other replicas' first: ask now
-            try:
-                state = await asyncio.wait_for(
-                    global_scheduler_handle(global_settings(self.config)).state.remote(), 5.0)
-                self.cluster_ready = sum(r["ready"] for r in state["replicas"].values()) >= state["expected_replicas"]
-            except Exception:  # noqa: BLE001 (the global scheduler is away: keep the last answer)
-                pass
+            state = await self._scheduler_state()
+            if state is not None:
+                self._set_readiness(sum(r["ready"] for r in state["replicas"].values()), state["expected_replicas"])
         if not self.cluster_ready:
             return JSONResponse({"status": "starting", "reason": "not every replica's engine is warm yet"},
                                 status_code=503)
-        return JSONResponse({"status": "ok", "replicas": self.config.replicas, "replica": self.replica_id})
+        expected = self.config.replicas
+        status = "ok" if self.ready_replicas >= expected else "degraded"  # e.g. a replica being replaced
+        return JSONResponse({"status": status, "ready_replicas": self.ready_replicas, "replicas": expected,
+                             "replica": self.replica_id})
+
+    async def _scheduler_state(self) -> dict | None:
+        try:
+            if self._global is None:
+                self._global = await asyncio.to_thread(global_scheduler_handle, global_settings(self.config))
+            return await asyncio.wait_for(self._global.state.remote(), 5.0)
+        except Exception:  # noqa: BLE001 (the global scheduler is away)
+            return None
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -215,11 +268,11 @@ class LLMServer:
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
         mine = {"metrics": self.metrics.as_dict(), "snapshot": self.record_routing_stats()["kv"]}
-        try:
-            state = await asyncio.wait_for(global_scheduler_handle(global_settings(self.config)).state.remote(), 5.0)
+        state = await self._scheduler_state()
+        if state is not None:
             replicas = {**state["replicas"], self.replica_id: mine}  # this replica's own counters are fresher
             confidence, rate = state["confidence"], state["arrival_rate_rps"]
-        except Exception:  # noqa: BLE001 (without the global scheduler: this replica alone)
+        else:  # without the global scheduler: this replica alone
             replicas, confidence, rate = {self.replica_id: mine}, self.confidence, self.arrival_rate
         return PlainTextResponse(render(replicas, confidence, rate), media_type="text/plain; version=0.0.4")
 
@@ -262,7 +315,7 @@ class LLMServer:
         span = self.tracer.start_span("cacheopt.request", attributes={
             "gen_ai.request.id": rid, "gen_ai.request.model": body.model, "gen_ai.request.max_tokens": max_tokens,
             "gen_ai.usage.input_tokens": len(ids), "cacheopt.slo": slo, "cacheopt.replica": self.replica_id})
-        extra = dict(body.vllm_xargs or {})
+        extra = {k: v for k, v in (body.vllm_xargs or {}).items() if k not in SERVER_ONLY_XARGS}
         extra.update({XARG_SLO: slo, XARG_CONFIDENCE: self.confidence, XARG_MAX_TOKENS: max_tokens})
         if self.lease is not None:
             extra[XARG_RESERVE] = self.lease
@@ -287,30 +340,33 @@ class LLMServer:
         except RequestShed:
             return self._shed(state)
         except asyncio.CancelledError:
-            await stream.aclose()  # the client left while it waited: the engine aborts the request
-            self._done(state, cancelled=True)
+            await self._close_stream(stream, state, cancelled=True)  # the client left while it waited
             raise
+        except (ValueError, TypeError, OverflowError) as error:  # the engine refused what the client sent
+            await stream.aclose()
+            self.metrics.rejected += 1
+            self._close(state)
+            return JSONResponse(ApiError(400, f"the engine refused the request: {error}").body(), status_code=400)
         except Exception as error:  # noqa: BLE001 (an engine failure is a 503, not a stack trace)
             await stream.aclose()
             return self._failed(state, error)
         self._on_tokens(state, first)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(first, stream, kind, body.model, state, max_tokens, include_usage),
-                                     media_type="text/event-stream", headers=headers)
+            return _ClosingStream(self._sse(first, stream, kind, body.model, state, max_tokens, include_usage),
+                                  lambda: self._close_stream(stream, state, cancelled=True),
+                                  media_type="text/event-stream", headers=headers)
         out: list[int] = list(first)
+        completed = False
         try:
             async for chunk in stream:
                 self._on_tokens(state, chunk)
                 out += chunk
-        except asyncio.CancelledError:
-            self._done(state, cancelled=True)
-            raise
+            completed = True
         except Exception as error:  # noqa: BLE001 (an engine failure is a 503, not a stack trace)
             return self._failed(state, error)
-        finally:
-            await stream.aclose()  # a no-op when it ended; aborts the request in the engine when it did not
-        self._done(state)
+        finally:  # also on cancellation (the client left): the engine aborts the request
+            await self._close_stream(stream, state, cancelled=not completed)
         finish = "length" if len(out) >= max_tokens else "stop"
         return JSONResponse(completion_body(kind, rid, body.model, self.renderer.decode(out), finish, len(ids),
                                             len(out)), headers=headers)
@@ -326,39 +382,35 @@ class LLMServer:
                    include_usage: bool):
         created = int(time.time())
         decoder = self.renderer.stream_decoder()
-        cancelled = False
+        completed = False
 
-        def event(ids: list[int]) -> str | None:
-            text = decoder.step(ids)
-            finish = "length" if state.tokens >= max_tokens else None
-            if not text and finish is None:
-                return None  # bytes of a character still incomplete: they go out with the next step
+        def event(text: str, finish: str | None = None) -> str:
             return f"data: {json.dumps(completion_chunk(kind, state.rid, model, created, text, finish))}\n\n"
         try:
-            if (line := event(first)) is not None:
-                yield line
+            if text := decoder.step(first):
+                yield event(text)
             async for chunk in stream:  # one list per engine step: one event per step, not per token
                 self._on_tokens(state, chunk)
-                if (line := event(chunk)) is not None:
-                    yield line
-            if state.tokens < max_tokens:  # stopped by the model (or a stop token): say so
-                yield f"data: {json.dumps(completion_chunk(kind, state.rid, model, created, '', 'stop'))}\n\n"
+                if text := decoder.step(chunk):  # empty while a character's bytes are incomplete
+                    yield event(text)
+            yield event(decoder.flush(), "length" if state.tokens >= max_tokens else "stop")
             if include_usage:
                 yield f"data: {json.dumps(usage_chunk(kind, state.rid, model, created, state.prompt, state.tokens))}\n\n"
             yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            cancelled = True  # the client left: closing the engine stream aborts the request
-            state.span.add_event("client_disconnected")
-            raise
-        except Exception as error:  # noqa: BLE001
-            self.failures.append(time.time())
-            self.metrics.failed += 1
-            state.span.record_exception(error)
-            body = ApiError(503, f"the engine failed: {type(error).__name__}", type_="server_error").body()
-            yield f"data: {json.dumps(body)}\n\n"
-            self._close(state)
+            completed = True
+        except Exception as error:  # noqa: BLE001 (the stream ends with an OpenAI error event, never [DONE])
+            self._record_failure(state, error)
+            failure = ApiError(503, f"the engine failed: {type(error).__name__}", type_="server_error")
+            yield f"data: {json.dumps(failure.body())}\n\n"
+        finally:  # also when the client left (cancelled, or the generator closed): the engine aborts it
+            await self._close_stream(stream, state, cancelled=not completed)
+
+    async def _close_stream(self, stream, state: _Progress, *, cancelled: bool) -> None:
+        try:
+            await stream.aclose()  # a no-op when it ended; aborts the request in the engine when it did not
         finally:
-            await stream.aclose()
+            if cancelled and not state.closed:
+                state.span.add_event("client_disconnected")
             self._done(state, cancelled=cancelled)
 
     def _shed(self, state: _Progress) -> JSONResponse:
@@ -372,11 +424,14 @@ class LLMServer:
                         type_="server_overloaded").body()
         return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
 
-    def _failed(self, state: _Progress, error: Exception) -> JSONResponse:
+    def _record_failure(self, state: _Progress, error: Exception) -> None:
         self.failures.append(time.time())
         self.metrics.failed += 1
         state.span.record_exception(error)
         self._close(state)
+
+    def _failed(self, state: _Progress, error: Exception) -> JSONResponse:
+        self._record_failure(state, error)
         body = ApiError(503, f"the engine failed: {type(error).__name__}; retry", type_="server_error").body()
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 

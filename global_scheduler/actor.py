@@ -25,10 +25,13 @@ GLOBAL_SCHEDULER = "cacheopt-global-scheduler"
 NAMESPACE = "cacheopt"
 REPORT_PERIOD_S = 0.5  # how often each replica reports
 REPLICA_SILENT_S = 5.0  # a replica not heard from for this long is gone: no lease, not counted ready
+REDIS_RETRY_S = 2.0
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)
-class GlobalScheduler:
+class ClusterControl:
+    """The global scheduler's logic, plain (tested without Ray); `GlobalScheduler` is the
+    actor around it."""
+
     def __init__(self, settings: dict):
         self.started_s = time.time()
         self.rate = ArrivalRateEstimator()
@@ -36,6 +39,7 @@ class GlobalScheduler:
         self.leases: dict[str, int] = {}
         self.epoch = 0
         self.store: RedisStore | None = None
+        self.store_retry_s = 0.0  # after a failed write, leave Redis alone until then
         self.configure(settings)
 
     def configure(self, settings: dict) -> None:
@@ -45,11 +49,13 @@ class GlobalScheduler:
         self.tuner = RateTunedConfidence(p_min=settings["p_min"], p_max=settings["p_max"],
                                          low_rps=settings["low_rps"], high_rps=settings["high_rps"])
         url = settings.get("redis_url")
-        self.store = RedisStore(url) if url else None
+        if url != getattr(self, "redis_url", None):
+            self.store = RedisStore(url) if url else None
+            self.redis_url = url
 
     def report(self, replica: str, arrivals: list[float], snapshot: dict | None, metrics: dict,
-               ready: bool) -> dict:
-        now = time.time()
+               ready: bool, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
         for t in arrivals:
             self.rate.observe(t)
         self.replicas[replica] = {"seen_s": now, "snapshot": snapshot, "metrics": metrics, "ready": ready}
@@ -58,16 +64,17 @@ class GlobalScheduler:
         if parsed:
             budget = int(self.settings["reserve_fraction"] * sum(s.total_blocks for s in parsed.values()))
             self.leases = rebalance_reserve(budget, parsed)
-            self._write_leases()
+            if now >= self.store_retry_s:
+                self._write_leases(now)
         rate = self.rate.rate_rps(now)
         return {"confidence": self.tuner.confidence(rate), "arrival_rate_rps": rate,
                 "lease": self.leases.get(replica), "started_s": self.started_s,
                 "ready_replicas": sum(r["ready"] for r in live.values()),
                 "expected_replicas": self.settings["replicas"]}
 
-    def state(self) -> dict:
+    def state(self, now: float | None = None) -> dict:
         """Everything the replicas last reported (for /metrics, tests and operators)."""
-        now = time.time()
+        now = time.time() if now is None else now
         rate = self.rate.rate_rps(now)
         return {"confidence": self.tuner.confidence(rate), "arrival_rate_rps": rate, "leases": dict(self.leases),
                 "started_s": self.started_s, "replicas": self._live(now),
@@ -78,7 +85,7 @@ class GlobalScheduler:
             del self.replicas[name]  # gone: its lease is no longer renewed and expires in Redis
         return self.replicas
 
-    def _write_leases(self) -> None:
+    def _write_leases(self, now: float) -> None:
         """To Redis when configured; while it is away the leases live here and reach the
         replicas in the replies, and the next write after it returns reconciles."""
         if self.store is None:
@@ -88,12 +95,15 @@ class GlobalScheduler:
             stored = self.store.set_leases(self.epoch, self.leases)
             if stored > self.epoch:  # a newer split exists (we restarted): continue after it
                 self.epoch = self.store.set_leases(stored + 1, self.leases)
-        except StoreUnavailable:
-            pass
+        except StoreUnavailable:  # back off: every report waiting on a dead Redis would stall the replicas
+            self.store_retry_s = now + REDIS_RETRY_S
+
+
+GlobalScheduler = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(ClusterControl)
 
 
 def global_scheduler_handle(settings: dict):
     """The cluster's global scheduler, started if it is not running."""
-    actor = GlobalScheduler.options(name=GLOBAL_SCHEDULER, namespace=NAMESPACE,  # type: ignore[attr-defined]
-                                    lifetime="detached", get_if_exists=True)
+    actor = GlobalScheduler.options(name=GLOBAL_SCHEDULER, namespace=NAMESPACE, lifetime="detached",
+                                    get_if_exists=True)
     return actor.remote(settings)

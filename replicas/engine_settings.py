@@ -141,7 +141,7 @@ class RequestHints:
     def parse(cls, extra_args: dict | None, settings: EngineSettings, *, max_tokens: int) -> tuple[RequestHints, list[str]]:
         """Hints and the problems found. Lenient: a bad hint is dropped (the default is
         used) and reported, because inside the engine an exception would stop serving
-        everyone; the ingress calls this too and refuses a request with problems."""
+        everyone."""
         extra = extra_args or {}
         problems = []
         slo_name = extra.get(XARG_SLO)

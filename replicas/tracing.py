@@ -1,4 +1,4 @@
-"""OpenTelemetry: one trace per request, from the ingress through the replica into the engine.
+"""OpenTelemetry: one trace per request, from the serving replica's HTTP front into the engine.
 
 The SDK is configured from the standard environment (`OTEL_EXPORTER_OTLP_ENDPOINT`,
 `OTEL_SERVICE_NAME`, `OTEL_TRACES_EXPORTER`, ...) when an endpoint is set; otherwise spans

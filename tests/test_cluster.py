@@ -3,7 +3,7 @@
 One cluster for the module: two replicas on the simulated engine (the real-engine path,
 without Redis, is tests/test_cluster_vllm.py), HTTP on a free port, a redis-server of its
 own on a free port (killed and restarted by the fault tests), and an OTLP/HTTP receiver in
-this process that the ingress's and replicas' span exporters send to.
+this process that the replicas' span exporters send to.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def cluster():
     sink = SpanSink()
     redis_server = RedisServer()
     port = free_port()
-    config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url,
+    config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url, router="kv",
                          engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024})
     ray.init(namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.url}/v1/traces",
@@ -134,6 +134,17 @@ def test_streaming_chat_completion_streams_every_token(cluster):
     assert chunks[-1].usage.completion_tokens == 9
     assert chunks[-2].choices[0].finish_reason == "length"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_streamed_text_is_the_whole_answer(cluster):
+    """Incremental detokenization: the streamed pieces join to the non-streamed text (the
+    simulated engine writes the same ids for both), with characters whole."""
+    client = cluster["client"]
+    chunks = list(client.completions.create(model=MODEL, prompt="p", max_tokens=300, stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    whole = client.completions.create(model=MODEL, prompt="p", max_tokens=300).choices[0].text
+    assert streamed == whole and len(whole) > 100
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_models_health_and_metrics(cluster):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -80,6 +81,12 @@ def test_router_ranks_by_headroom_and_gives_up_on_stale_snapshots():
     assert rank_by_headroom(sent, 100.5) == [1, 2, 0]  # 50 - 10 = 40: tied with replica 1, which has fewer sent
     sent[2] = ReplicaView(snap(free=30, idle=20), sent_since_snapshot=2, request_blocks=10)
     assert rank_by_headroom(sent, 100.5) == [1, 2, 0]
+    # Where every replica has room, the least loaded goes first; room decides where KV is short.
+    busy = dataclasses.replace(snap(free=90), num_running=5)
+    idle = snap(free=40)
+    assert rank_by_headroom([ReplicaView(busy, request_blocks=10), ReplicaView(idle, request_blocks=10)], 100.5) == [1, 0]
+    assert rank_by_headroom([ReplicaView(busy, request_blocks=10), ReplicaView(snap(free=5), request_blocks=10)],
+                            100.5) == [0, 1]
     # The queue's needs count against headroom.
     assert rank_by_headroom([ReplicaView(snap(free=50, need=45)), ReplicaView(snap(free=20))], 100.5) == [1, 0]
     # A replica that failed requests lately goes last whatever its headroom.
@@ -121,3 +128,42 @@ def test_metrics_sum_the_replicas_and_use_vllm_names():
                  "cacheopt_arrival_rate_rps 12.5", 'vllm:num_requests_running{replica="r0"} 1'):
         assert line in text, line
     assert 'replica="r1"' not in text  # no snapshot, no made-up numbers
+
+
+def control_settings(**overrides) -> dict:
+    return {"p_min": 0.3, "p_max": 0.9, "low_rps": 16.0, "high_rps": 33.0, "reserve_fraction": 0.1,
+            "redis_url": None, "replicas": 2, **overrides}
+
+
+def test_global_scheduler_counts_ready_replicas_and_leases_only_live_ones():
+    from global_scheduler.actor import REPLICA_SILENT_S, ClusterControl
+
+    control = ClusterControl(control_settings())
+    first = control.report("a", [99.0, 99.5], snap(free=0, need=50).to_dict(), {"requests": 2}, True, now=100.0)
+    assert first["ready_replicas"] == 1 and first["expected_replicas"] == 2
+    assert first["lease"] == 10  # all of the 10% reserve of a's 100 blocks: the only replica it knows
+    second = control.report("b", [], snap(free=80).to_dict(), {"requests": 0}, True, now=100.2)
+    assert second["ready_replicas"] == 2
+    leases = control.state(now=100.2)["leases"]
+    assert leases["a"] > leases["b"] and sum(leases.values()) == 20  # pressure decides the split
+    # b falls silent: it is forgotten, and its lease is no longer handed out (Redis expires it).
+    later = control.report("a", [], snap(free=0, need=50).to_dict(), {}, True, now=100.2 + REPLICA_SILENT_S + 1)
+    assert later["ready_replicas"] == 1 and set(control.state(now=100.2 + REPLICA_SILENT_S + 1)["leases"]) == {"a"}
+    # A redeploy's settings replace the old ones.
+    control.configure(control_settings(replicas=3, p_max=0.8))
+    assert control.report("a", [], None, {}, True, now=106.0)["expected_replicas"] == 3
+    assert control.state(now=200.0)["confidence"] == 0.8  # no arrivals for a while: p_max
+
+
+def test_streamed_text_keeps_characters_split_over_tokens_whole():
+    from pathlib import Path
+
+    from cluster.openai_api import PromptRenderer
+
+    renderer = PromptRenderer(Path(__file__).resolve().parents[1] / "models" / "tiny-llama")
+    ids = renderer.tokenizer.encode("naïve café 日本語 → ok").ids
+    assert any("\ufffd" in renderer.decode([i]) for i in ids)  # decoding token by token would break them
+    for step in (1, 2, 3):
+        decoder = renderer.stream_decoder()
+        pieces = [decoder.step(ids[i:i + step]) for i in range(0, len(ids), step)]
+        assert "".join(pieces) == renderer.decode(ids) and not any("\ufffd" in p for p in pieces)

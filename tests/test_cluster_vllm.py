@@ -167,6 +167,17 @@ def test_a_dead_engine_is_detected_routed_around_and_replaced(cluster):
     client = cluster["client"]
     outs = [client.completions.create(model="tiny-llama", prompt=f"still here {i}", max_tokens=4) for i in range(6)]
     assert all(o.usage.completion_tokens == 4 for o in outs)
+    # The cluster stays healthy for a load balancer, and says it is short of a replica.
+    import httpx
+
+    statuses = []
+    deadline = time.time() + 15
+    while time.time() < deadline and "degraded" not in statuses:
+        response = httpx.get(f"http://127.0.0.1:{cluster['port']}/health", timeout=10)
+        assert response.status_code == 200
+        statuses.append(response.json()["status"])
+        time.sleep(0.5)
+    assert "degraded" in statuses, statuses
     # Serve starts a replacement (a new engine core warms up) and the deployment is whole again.
     deadline = time.time() + 240
     while replica_states().count("RUNNING") < 2 and time.time() < deadline:

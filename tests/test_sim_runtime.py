@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from cluster.config import load_config
-from replicas.engines.sim import SimServingEngine as SimRuntime
+from replicas.engines.sim import SimServingEngine
 
 
-def runtime(**engine) -> SimRuntime:
+def runtime(**engine) -> SimServingEngine:
     config = load_config(engine={"kind": "sim", "kv_blocks": 128, **engine})
-    return SimRuntime(config.engine, config.engine_settings())
+    return SimServingEngine(config.engine, config.engine_settings())
 
 
 def test_streams_exactly_max_tokens_and_frees_everything():

@@ -41,9 +41,11 @@ class SimServingEngine:
         self._in_flight: StepPlan | None = None  # the step being "computed" (awaited) now
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._failure: BaseException | None = None  # why the step loop died: the engine serves no more
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
                        extra_args: dict, sampling: dict | None = None) -> AsyncIterator[list[int]]:
+        self.check_health()
         hints, _ = RequestHints.parse(extra_args, self.settings, max_tokens=max_tokens)
         apply_control(self.core, hints)
         prompt = len(prompt_token_ids)
@@ -60,9 +62,9 @@ class SimServingEngine:
                 count = await queue.get()
                 if count is _SHED:
                     raise RequestShed(request_id)
-                if count is None:
-                    return
-                while not queue.empty() and isinstance(queue._queue[0], int):  # type: ignore[attr-defined]
+                if isinstance(count, EngineDead):
+                    raise count
+                while not queue.empty() and type(queue._queue[0]) is int:  # type: ignore[attr-defined]
                     count += queue.get_nowait()  # steps the consumer missed go out as one list, as vLLM's DELTA does
                 # Arbitrary ids (the simulated engine has no model): position-dependent, clear of 0-2.
                 yield [3 + (produced + i) % 997 for i in range(count)]
@@ -80,6 +82,16 @@ class SimServingEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        try:
+            await self._step_forever()
+        except Exception as error:  # every waiting stream ends with it, and the replica's health check fails
+            self._failure = error
+            dead = EngineDead(f"the simulated engine's step loop failed: {error!r}")
+            for queue in self._queues.values():
+                queue.put_nowait(dead)
+            raise
+
+    async def _step_forever(self) -> None:
         core = self.core
         while True:
             if not core.has_work:
@@ -112,9 +124,8 @@ class SimServingEngine:
         return take_snapshot(self.core, time.time())
 
     def check_health(self) -> None:
-        task = self._loop_task
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            raise EngineDead(f"the simulated engine's step loop failed: {task.exception()!r}")
+        if self._failure is not None:
+            raise EngineDead(f"the simulated engine's step loop failed: {self._failure!r}")
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:

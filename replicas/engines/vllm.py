@@ -95,8 +95,6 @@ def stop_engine(engine) -> None:
     engine.shutdown = lambda timeout=None: None
 
 
-
-
 def setup_from_config(config: EngineConfig) -> EngineSetup:
     return EngineSetup(model=Path(config.model), block_size=config.block_size, kv_blocks=config.kv_blocks,
                        max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
@@ -116,7 +114,7 @@ class VllmServingEngine:
         settings = dataclasses.replace(settings, snapshot_path=str(self._snapshot_path))
         self.engine = start_async_engine(setup_from_config(config), ADAPTER_CLS, settings)
         # The engine core runs in a child process; make sure it goes when this process does.
-        self._engine_pids = _child_pids()
+        self._engine_processes = _engine_core_processes()
         atexit.register(self._kill_engine_processes)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
@@ -134,6 +132,8 @@ class VllmServingEngine:
             completion = out.outputs[0]
             if out.finished and completion.stop_reason == SHED_STOP_REASON:
                 raise RequestShed(request_id)
+            if out.finished and completion.finish_reason in ("error", "abort"):  # not a normal end: never a 200
+                raise EngineDead(f"the engine ended request {request_id} with {completion.finish_reason!r}")
             ids = list(completion.token_ids)
             if ids:
                 yield ids
@@ -149,10 +149,13 @@ class VllmServingEngine:
 
         if self.engine.errored:
             raise EngineDead(f"the vLLM engine failed: {self.engine.dead_error}")
-        dead = [pid for pid in self._engine_pids if not psutil.pid_exists(pid)
-                or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE]
-        if dead:
-            raise EngineDead(f"the vLLM engine process {dead[0]} is gone")
+        for process in self._engine_processes:
+            try:  # is_running() also checks that the pid was not reused
+                alive = process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                raise EngineDead(f"the vLLM engine process {process.pid} is gone")
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(stop_engine, self.engine)
@@ -162,14 +165,24 @@ class VllmServingEngine:
     def _kill_engine_processes(self) -> None:
         import psutil
 
-        for pid in self._engine_pids:
+        for process in self._engine_processes:
             try:
-                psutil.Process(pid).kill()
+                if process.is_running():
+                    process.kill()
             except psutil.Error:
                 pass  # already gone
 
 
-def _child_pids() -> list[int]:
+def _engine_core_processes() -> list:
+    """The engine core process(es) this process started (vLLM titles them EngineCore); all
+    child processes where none is titled so."""
     import psutil
 
-    return [p.pid for p in psutil.Process().children(recursive=True)]
+    children = psutil.Process().children(recursive=True)
+
+    def title(p) -> str:
+        try:
+            return p.name() + " " + " ".join(p.cmdline())
+        except psutil.Error:
+            return ""
+    return [p for p in children if "EngineCore" in title(p)] or children
