@@ -55,9 +55,12 @@ from replicas.tracing import get_tracer, inject_context
 
 log = logging.getLogger("cacheopt.server")
 RANDOM_WEIGHTS_NOTE = "random weights (load_format=dummy): real compute and KV cache, meaningless text"
-HEALTH_CHECK_PERIOD_S = 2.0  # Serve asks check_health this often; a dead engine is replaced after one failure
+# Serve asks check_health this often and replaces a replica after three failures in a row
+# (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD, fixed); the router avoids it from the first
+# routing statistics that show the engine dead (every 0.1 s).
+HEALTH_CHECK_PERIOD_S = 2.0
 FAILURE_WINDOW_S = 10.0  # a replica that failed a request this recently ranks last in routing
-MAX_ARRIVALS_BUFFERED = 100_000  # arrivals kept for the global scheduler while it is away
+MAX_ARRIVALS_BUFFERED = 100_000  # arrivals between two reports to the global scheduler, bounded
 REQUEST_BLOCKS_SMOOTHING = 0.1
 WARM_UP_TIMEOUT_S = 600.0
 # Only the front sets these: the reserve lease comes from the global scheduler, the trace
