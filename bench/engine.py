@@ -26,15 +26,15 @@ from bench.traces import TraceRequest
 from replicas.engine_settings import SHED_STOP_REASON, XARG_MAX_TOKENS, XARG_SLO
 from replicas.engines.vllm import (  # noqa: F401 (the benchmark's engine API, from where serving starts engines too)
     ADAPTER_CLS,
-    DEFAULT_MODEL,
     NATIVE_CLS,
-    EngineSetup,
+    EngineConfig,
     set_engine_environment,
     start_async_engine,
     stop_engine,
 )
 
 NATIVE = "vllm-native"  # vLLM's own scheduler, as a policy name in reports
+
 
 def prompt_token_ids(index: int, num_tokens: int, vocab_size: int) -> list[int]:
     """Arbitrary but reproducible ids, clear of the special tokens (0-2)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.engine import (
     ADAPTER_CLS,
     NATIVE_CLS,
-    EngineSetup,
+    EngineConfig,
     outcomes_of,
     read_step_log,
     replay,
@@ -58,7 +58,7 @@ class EngineBenchSpec:
     seed: int = 0
     repeats: int = 1  # the same requests again: the spread is the engine's own noise
     warmup: int = 50  # requests replayed on each engine before the first measured run (not reported)
-    engine: EngineSetup = field(default_factory=EngineSetup)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_blocks=128))
 
     def __post_init__(self) -> None:
         check_policy_names(self.policies)
@@ -134,7 +134,7 @@ def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,
     trace, predictor, classes = workload(spec)
     predictor_path = (out_dir / "predictor.json").resolve()
     predictor.save(predictor_path)
-    vocab = json.loads((spec.engine.model / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((spec.engine.model_dir / "config.json").read_text())["vocab_size"]
     engine_rows: list[dict] = []
     schedule_s: dict[str, list[float]] = {policy: [] for policy in spec.policies}
     logs = {policy: (out_dir / f"steps-{policy}.jsonl").resolve() for policy in spec.policies}

