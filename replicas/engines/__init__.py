@@ -8,8 +8,9 @@
 
 Two implementations: `vllm` (a real vLLM engine with the CacheOPT adapter as its scheduler)
 and `sim` (the simulated engine stepping in real time with the same policy objects). A
-third engine is one new module and one line in `ENGINES`. Serving (cluster/) reaches
-engines only through `make_engine`; the benchmark starts vLLM through `engines.vllm`.
+third engine is one new module, plus its name in `ENGINES` and `EngineConfig.kind`.
+Serving (cluster/) reaches engines only through `make_engine`; the benchmark starts vLLM
+through `engines.vllm`.
 """
 
 from __future__ import annotations
