@@ -19,6 +19,8 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
 from replicas.snapshot import KVSnapshot
 
 # A snapshot older than this is not trusted (the replica may be gone or stuck).
@@ -75,43 +77,37 @@ def snapshot_of(routing_stats: dict) -> KVSnapshot | None:
         return None  # a replica of another version: route without its snapshot
 
 
-try:
-    from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
-except ImportError:  # the pure rule above is usable without Ray
-    RequestRouter = None  # type: ignore[assignment,misc]
+class KVHeadroomRouter(FIFOMixin, RequestRouter):
+    """`request_router_class` of the serving deployment (see the module docstring)."""
 
-if RequestRouter is not None:
-    class KVHeadroomRouter(FIFOMixin, RequestRouter):  # type: ignore[misc,valid-type]
-        """`request_router_class` of the serving deployment (see the module docstring)."""
+    def initialize_state(self, **kwargs) -> None:
+        # replica -> when this router sent it requests; bounded in case its snapshots stop
+        self._sent: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=4096))
+        self._rng = random.Random()
 
-        def initialize_state(self, **kwargs) -> None:
-            # replica -> when this router sent it requests; bounded in case its snapshots stop
-            self._sent: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=4096))
-            self._rng = random.Random()
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        now = time.time()
+        views = []
+        for replica in candidate_replicas:
+            stats = replica.routing_stats or {}
+            snap = snapshot_of(stats)
+            sent = self._sent[replica.replica_id.unique_id]
+            if snap is not None:
+                while sent and sent[0] <= snap.taken_s:
+                    sent.popleft()  # the snapshot has seen it
+            views.append(ReplicaView(snap, len(sent), bool(stats.get("healthy", True)),
+                                     float(stats.get("request_blocks", 0.0))))
+        order = rank_by_headroom(views, now)
+        if order is None:  # power of two choices on queue length, as Serve's default router
+            pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))
+            return [pair]
+        return [[candidate_replicas[i]] for i in order]
 
-        async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                                  pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-            if not candidate_replicas:
-                return []
-            now = time.time()
-            views = []
-            for replica in candidate_replicas:
-                stats = replica.routing_stats or {}
-                snap = snapshot_of(stats)
-                sent = self._sent[replica.replica_id.unique_id]
-                if snap is not None:
-                    while sent and sent[0] <= snap.taken_s:
-                        sent.popleft()  # the snapshot has seen it
-                views.append(ReplicaView(snap, len(sent), bool(stats.get("healthy", True)),
-                                         float(stats.get("request_blocks", 0.0))))
-            order = rank_by_headroom(views, now)
-            if order is None:  # power of two choices on queue length, as Serve's default router
-                pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))
-                return [pair]
-            return [[candidate_replicas[i]] for i in order]
-
-        def on_send_request(self, replica_id) -> None:
-            """Called as Serve sends a request, right after choosing (no await between, so
-            concurrent requests see each other's charge)."""
-            super().on_send_request(replica_id)
-            self._sent[replica_id.unique_id].append(time.time())
+    def on_send_request(self, replica_id) -> None:
+        """Called as Serve sends a request, right after choosing (no await between, so
+        concurrent requests see each other's charge)."""
+        super().on_send_request(replica_id)
+        self._sent[replica_id.unique_id].append(time.time())

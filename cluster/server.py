@@ -119,7 +119,7 @@ class LLMServer:
         self.arrival_rate = 0.0
         self.cluster_ready = False  # every replica has been warm at once (since then: 200 while any can serve)
         self.ready_replicas = 0
-        self.scheduler_started_s: float | None = None
+        self._scheduler_started_s: float | None = None  # of the scheduler we configured; None: configure it
         self.failures: deque[float] = deque(maxlen=64)
         # What a request asks of the KV cache here, prompt plus output cap, smoothed: the
         # router charges it for each request it sends before a snapshot shows that request.
@@ -145,17 +145,15 @@ class LLMServer:
     # -- the control loop: global scheduler and Redis --------------------------------------------
 
     async def _control_loop(self) -> None:
-        configured = False
         while True:
             try:
-                configured = await self._report(configured)
+                await self._report()
             except Exception:  # noqa: BLE001 (the control loop must never stop; say why)
                 log.exception("replica %s: control exchange failed", self.replica_id)
             await asyncio.sleep(REPORT_PERIOD_S)
 
-    async def _report(self, configured: bool) -> bool:
-        snap = self.engine.snapshot()
-        snap_dict = None if snap is None else snap.to_dict()
+    async def _report(self) -> None:
+        snap_dict = self._snapshot_dict()
         redis_lease = None
         if self.store is not None:
             try:
@@ -169,26 +167,28 @@ class LLMServer:
         arrivals = list(self.arrivals)
         self.arrivals.clear()  # sent once: a report that times out may still arrive, so no resend
         try:
-            if self._global is None:
-                self._global = await asyncio.to_thread(global_scheduler_handle, global_settings(self.config))
-                configured = False
-            if not configured:  # a redeploy's settings reach a scheduler that outlived the old deployment
-                await asyncio.wait_for(self._global.configure.remote(global_settings(self.config)), 5.0)
-                configured = True
-            reply = await asyncio.wait_for(self._global.report.remote(
+            scheduler = await self._scheduler()
+            if self._scheduler_started_s is None:  # a redeploy's settings reach a scheduler that outlived the old deployment
+                await asyncio.wait_for(scheduler.configure.remote(global_settings(self.config)), 5.0)
+            reply = await asyncio.wait_for(scheduler.report.remote(
                 self.replica_id, arrivals, snap_dict, self.metrics.as_dict(), self._engine_healthy()), 5.0)
         except Exception as error:  # noqa: BLE001 (serving goes on with the last p and lease)
             log.warning("global scheduler unavailable (%s); keeping p=%.2f", error, self.confidence)
-            self._global = None
-            return False
-        if reply["started_s"] != self.scheduler_started_s:  # a new or restarted scheduler: tell it our settings
-            configured = self.scheduler_started_s is None
-            self.scheduler_started_s = reply["started_s"]
+            self._global, self._scheduler_started_s = None, None
+            return
+        # A scheduler restarted since we configured it: configure it again next round.
+        restarted = self._scheduler_started_s not in (None, reply["started_s"])
+        self._scheduler_started_s = None if restarted else reply["started_s"]
         self.confidence, self.arrival_rate = reply["confidence"], reply["arrival_rate_rps"]
         if redis_lease is None and reply["lease"] is not None:
             self.lease = reply["lease"]
         self._set_readiness(reply["ready_replicas"], reply["expected_replicas"])
-        return configured
+
+    async def _scheduler(self):
+        """The global scheduler's handle (looked up off the event loop: it asks Ray's GCS)."""
+        if self._global is None:
+            self._global = await asyncio.to_thread(global_scheduler_handle, global_settings(self.config))
+        return self._global
 
     def _set_readiness(self, ready: int, expected: int) -> None:
         self.ready_replicas = ready
@@ -199,9 +199,12 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         """The KV snapshot for the request router (cluster.router), and whether this replica
         can serve (its engine is alive and no request failed here lately)."""
-        snap = self.engine.snapshot()
-        return {"kv": None if snap is None else snap.to_dict(), "healthy": self._healthy() and self._engine_healthy(),
+        return {"kv": self._snapshot_dict(), "healthy": self._healthy() and self._engine_healthy(),
                 "request_blocks": self.request_blocks}
+
+    def _snapshot_dict(self) -> dict | None:
+        snap = self.engine.snapshot()
+        return None if snap is None else snap.to_dict()
 
     def check_health(self) -> None:
         self.engine.check_health()  # raises EngineDead: Serve marks the replica unhealthy and replaces it
@@ -254,9 +257,7 @@ class LLMServer:
 
     async def _scheduler_state(self) -> dict | None:
         try:
-            if self._global is None:
-                self._global = await asyncio.to_thread(global_scheduler_handle, global_settings(self.config))
-            return await asyncio.wait_for(self._global.state.remote(), 5.0)
+            return await asyncio.wait_for((await self._scheduler()).state.remote(), 5.0)
         except Exception:  # noqa: BLE001 (the global scheduler is away)
             return None
 
@@ -270,7 +271,7 @@ class LLMServer:
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
-        mine = {"metrics": self.metrics.as_dict(), "snapshot": self.record_routing_stats()["kv"]}
+        mine = {"metrics": self.metrics.as_dict(), "snapshot": self._snapshot_dict()}
         state = await self._scheduler_state()
         if state is not None:
             replicas = {**state["replicas"], self.replica_id: mine}  # this replica's own counters are fresher

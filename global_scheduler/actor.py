@@ -39,6 +39,7 @@ class ClusterControl:
         self.leases: dict[str, int] = {}
         self.epoch = 0
         self.store: RedisStore | None = None
+        self.redis_url: str | None = None
         self.store_retry_s = 0.0  # after a failed write, leave Redis alone until then
         self.configure(settings)
 
@@ -49,7 +50,7 @@ class ClusterControl:
         self.tuner = RateTunedConfidence(p_min=settings["p_min"], p_max=settings["p_max"],
                                          low_rps=settings["low_rps"], high_rps=settings["high_rps"])
         url = settings.get("redis_url")
-        if url != getattr(self, "redis_url", None):
+        if url != self.redis_url:
             self.store = RedisStore(url) if url else None
             self.redis_url = url
 
