@@ -2,9 +2,10 @@
 
 Each request is a streaming `/v1/completions` call whose prompt is the trace's number of
 token ids and whose output is forced to the trace's length (`ignore_eos`, vLLM's
-extension, which our ingress honours too), sent at its arrival time. It carries its SLO
-class as `slo` (our ingress) and in `vllm_xargs` (our adapter behind a plain vLLM server);
-servers that know neither ignore them. Latencies are what a streaming client sees: TTFT
+extension, which our server honours too), sent at its arrival time. It carries its SLO
+class as `slo` to a CacheOPT cluster (whose /v1/models says `owned_by: cacheopt`; it
+refuses client `cacheopt_*` arguments) and in `vllm_xargs` to any other server (our
+adapter behind a plain vLLM server reads it there; other servers ignore it). Latencies are what a streaming client sees: TTFT
 at the first content chunk, gaps between chunks (a chunk carrying k tokens contributes one
 gap and k - 1 zero gaps, as vLLM's own benchmark counts them).
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from bench.engine import stream_outcome, trace_prompt_token_ids
 from bench.metrics import RequestOutcome, RunStats
 from bench.traces import TraceRequest
+from replicas.engine_settings import XARG_SLO
 
 
 @dataclass
@@ -38,7 +40,27 @@ class HttpStream:
         return self.status == 429
 
 
-async def replay_http(base_url: str, model: str, trace: Sequence[TraceRequest], *, vocab_size: int,
+@dataclass(frozen=True)
+class Target:
+    url: str
+    model: str
+    cacheopt: bool  # a CacheOPT cluster: the SLO class goes in `slo`, not in vllm_xargs
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def describe_target(url: str, api_key: str | None = None) -> Target:
+    """The server at `url` as its /v1/models describes it (ValueError when it does not answer)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]
+        return Target(url, model["id"], model.get("owned_by") == "cacheopt", headers)
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise ValueError(f"{url} does not answer /v1/models: {error!r}") from None
+
+
+async def replay_http(target: Target, trace: Sequence[TraceRequest], *, vocab_size: int,
                       timeout_s: float = 600.0, on_finish: Callable[[], None] | None = None) -> list[HttpStream]:
     import httpx
 
@@ -46,14 +68,15 @@ async def replay_http(base_url: str, model: str, trace: Sequence[TraceRequest], 
     t0 = trace[0].arrival_s if trace else 0.0
     streams = [HttpStream(r, start + (r.arrival_s - t0)) for r in trace]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=target.url, timeout=timeout_s, limits=limits,
+                                 headers=target.headers) as client:
         async def one(index: int, stream: HttpStream) -> None:
             await asyncio.sleep(max(0.0, stream.arrival_s - time.time()))
             r = stream.request
-            body = {"model": model, "prompt": trace_prompt_token_ids(index, r, vocab_size),
+            body = {"model": target.model, "prompt": trace_prompt_token_ids(index, r, vocab_size),
                     "max_tokens": r.output_tokens, "ignore_eos": True, "stream": True, "temperature": 0,
-                    "stream_options": {"include_usage": True}, "slo": r.slo.name,
-                    "vllm_xargs": {"cacheopt_slo": r.slo.name}}
+                    "stream_options": {"include_usage": True},
+                    **({"slo": r.slo.name} if target.cacheopt else {"vllm_xargs": {XARG_SLO: r.slo.name}})}
             try:
                 async with client.stream("POST", "/v1/completions", json=body) as response:
                     stream.status = response.status_code

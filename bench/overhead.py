@@ -13,8 +13,10 @@ from __future__ import annotations
 import statistics
 import time
 
+from bench.http_bench import Target
 
-def measure_added_latency(base_url: str, model: str, *, requests: int = 200, app_name: str = "cacheopt") -> dict:
+
+def measure_added_latency(target: Target, *, requests: int = 200, app_name: str = "cacheopt") -> dict:
     import httpx
     import ray
     from ray import serve
@@ -26,10 +28,10 @@ def measure_added_latency(base_url: str, model: str, *, requests: int = 200, app
         handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app_name).options(stream=True)
         prompt = [5, 6, 7, 8]
         via_http, direct = [], []
-        with httpx.Client(base_url=base_url, timeout=60) as client:
+        with httpx.Client(base_url=target.url, timeout=60, headers=target.headers) as client:
             for i in range(requests + 10):
                 t0 = time.perf_counter()
-                response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1})
+                response = client.post("/v1/completions", json={"model": target.model, "prompt": prompt, "max_tokens": 1})
                 t1 = time.perf_counter()
                 response.raise_for_status()
                 for _ in handle.generate.remote(f"direct-{i}", prompt, 1, {}):

@@ -8,13 +8,18 @@ report to.
 
 from __future__ import annotations
 
+import logging
+
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig
 from cluster.router import ROUTING_STATS_PERIOD_S, KVHeadroomRouter
 from cluster.server import LLMServer
+from global_scheduler.store import RedisStore
 
+log = logging.getLogger("cacheopt.app")
 DEPLOYMENT = "LLMServer"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 REQUEST_SLOTS_SPARE = 16  # beyond the queue limit: /health, /metrics and the 429 answers themselves
 
 
@@ -27,13 +32,19 @@ def request_router_config(config: ClusterConfig) -> RequestRouterConfig:
 
 
 def build_app(args: dict | None = None):
-    """`serve run cluster.app:build_app [config=path.yaml]`; `cacheopt serve` passes the
-    validated config as a mapping."""
-    from cluster.config import load_config
+    """`serve run cluster.app:build_app [config=path.yaml]`, or with the settings as a
+    mapping under `config_dict` (`cacheopt serve`, deploy/serve-config.yaml); secrets the
+    settings leave out come from the environment (cluster.config.secrets_from_environment)."""
+    from cluster.config import load_config, secrets_from_environment
 
     args = dict(args or {})
-    config = (ClusterConfig.model_validate(args["config_dict"]) if "config_dict" in args
+    config = (ClusterConfig.model_validate(secrets_from_environment(args["config_dict"])) if "config_dict" in args
               else load_config(args.get("config")))
+    if not config.api_keys and config.host not in LOOPBACK:
+        log.warning("serving without API keys: anyone who reaches the port can use the cluster "
+                    "(set api_keys or $CACHEOPT_API_KEY)")
+    if config.redis_url:  # a wrong password fails the deploy here, clearly, not later in silence
+        RedisStore(config.redis_url).check()
     # The engine's own processes are outside Ray's accounting; a replica asks Ray only for
     # its GPU (none on CPU machines), so that two replicas fit a 2-core machine.
     return LLMServer.options(num_replicas=config.replicas,

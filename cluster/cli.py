@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--redis-url", default=None, help="coordinate reserve leases through Redis at this URL")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    serve.add_argument("--api-key", action="append", default=None, dest="api_keys", metavar="KEY",
+                       help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys; default: "
+                            "$CACHEOPT_API_KEY, comma-separated; none: open)")
 
     overhead = sub.add_parser(
         "overhead", help="the latency the HTTP path adds over calling a replica's engine directly",
@@ -217,6 +221,39 @@ def build_parser() -> argparse.ArgumentParser:
                     "alternately over HTTP and through a deployment handle to the replicas' generate method.")
     overhead.add_argument("--target", default="http://127.0.0.1:8000")
     overhead.add_argument("--requests", type=int, default=200)
+
+    hostile = sub.add_parser(
+        "hostile", help="send malformed and hostile requests to a running cluster: each must get a 4xx",
+        description="Against a running `cacheopt serve`: one request of each class of malformed, oversized, "
+                    "unauthenticated or scheduler-tampering input (bench/hostile.py). Each must get a 4xx with "
+                    "OpenAI's error body and none a 5xx; then 10 MB bodies and prompts near the body limit next "
+                    "to ordinary streams, with the replicas' event-loop lag from /metrics. Sends "
+                    "$CACHEOPT_API_KEY's first key where a key is due (and the unauthenticated cases only then). "
+                    "Exit status 1 when any request got something else.")
+    hostile.add_argument("--target", default="http://127.0.0.1:8000")
+    hostile.add_argument("--body-limit", type=int, default=None,
+                         help="the cluster's max_request_body_bytes (default: the configuration's default)")
+    hostile.add_argument("--large-body-s", type=float, default=60.0,
+                         help="seconds of large bodies next to ordinary streams (0 skips it; default 60, the "
+                              "lag window)")
+    hostile.add_argument("--out", type=Path, default=Path("reports/reliability/hostile.json"))
+
+    soak = sub.add_parser(
+        "soak", help="a long steady load with misbehaving clients, then the books checked at idle",
+        description="Against a running `cacheopt serve` on this machine (bench/soak.py): Poisson arrivals of "
+                    "streamed completions for --duration seconds, some clients leaving early (half before the "
+                    "first byte) and some reading slowly; the replicas' and engines' resident memory sampled "
+                    "throughout. At idle, /metrics must show nothing in flight, every KV block free, as many "
+                    "engine aborts as cancelled requests and every received request in one outcome. Exit "
+                    "status 1 when not. Sends $CACHEOPT_API_KEY's first key.")
+    soak.add_argument("--target", default="http://127.0.0.1:8000")
+    soak.add_argument("--duration", type=float, default=1200.0, help="seconds of load (default 1200)")
+    soak.add_argument("--rate", type=float, default=4.0, help="arrivals per second (default 4)")
+    soak.add_argument("--disconnect", type=float, default=0.10, help="share of clients that leave early")
+    soak.add_argument("--slow", type=float, default=0.05, help="share of clients that read slowly")
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--out", type=Path, default=Path("reports/reliability/soak.json"))
+    soak.add_argument("--no-progress", action="store_true")
 
     calibrate = sub.add_parser(
         "calibrate", help="fit the simulator's latency model to the real CPU engine",
@@ -417,20 +454,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve import serve_forever
 
     config = load_config(args.config, replicas=args.replicas, host=args.host, port=args.port,
-                         redis_url=args.redis_url, ray_address=args.ray_address,
+                         redis_url=args.redis_url, ray_address=args.ray_address, api_keys=args.api_keys,
                          engine={"kind": args.engine}, policy={"name": args.policy})
     serve_forever(config)
     return 0
 
 
+def _client_api_key() -> str | None:
+    """The key the benchmarks send to a cluster that requires one: $CACHEOPT_API_KEY's first."""
+    from cluster.config import API_KEY_ENV
+
+    return (os.environ.get(API_KEY_ENV) or "").split(",")[0].strip() or None
+
+
 def _bench_targets(args: argparse.Namespace) -> int:
     import asyncio
 
-    import httpx
     from tqdm import tqdm
 
     from bench.engine_bench import EngineBenchSpec, workload
-    from bench.http_bench import http_run_stats, outcomes_of_http, replay_http
+    from bench.http_bench import describe_target, http_run_stats, outcomes_of_http, replay_http
     from bench.metrics import summarize
     from bench.report import write_report
     from bench.traces import scale_to_rate
@@ -442,24 +485,19 @@ def _bench_targets(args: argparse.Namespace) -> int:
                            engine=_engine_setup(args))
     trace, _, _ = workload(spec)
     vocab = json.loads((spec.engine.model_dir / "config.json").read_text())["vocab_size"]
-    models = {}
-    for label, url in targets:
-        try:
-            models[label] = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
-            raise ValueError(f"target {label} at {url} does not answer /v1/models: {error}") from None
-    for label, url in targets:  # warm each server up (not reported), as the engine benchmark does
+    servers = {label: describe_target(url, _client_api_key()) for label, url in targets}
+    for label, _ in targets:  # warm each server up (not reported), as the engine benchmark does
         if spec.warmup:
-            asyncio.run(replay_http(url, models[label], scale_to_rate(trace[:spec.warmup], spec.rates[0]),
+            asyncio.run(replay_http(servers[label], scale_to_rate(trace[:spec.warmup], spec.rates[0]),
                                     vocab_size=vocab))
     rows = []
     total = len(targets) * len(spec.rates) * spec.repeats * spec.limit
     with tqdm(total=total, unit="req", disable=args.no_progress) as bar:
         for repeat in range(spec.repeats):
             for rate in spec.rates:
-                for label, url in targets:
+                for label, _ in targets:
                     bar.set_description(f"{label} @ {rate:g} req/s")
-                    streams = asyncio.run(replay_http(url, models[label], scale_to_rate(trace, rate),
+                    streams = asyncio.run(replay_http(servers[label], scale_to_rate(trace, rate),
                                                       vocab_size=vocab, on_finish=bar.update))
                     failed = [s for s in streams if s.error and s.status != 429]
                     if failed:
@@ -470,7 +508,8 @@ def _bench_targets(args: argparse.Namespace) -> int:
                                  **summarize(outcomes_of_http(streams), http_run_stats(streams)),
                                  "replicas_used": len(replicas)})
     out = args.out or Path("reports") / f"bench-http-{args.trace}"
-    extra = ("## Setup\n\n" + "; ".join(f"`{label}` = {url} (model `{models[label]}`)" for label, url in targets)
+    extra = ("## Setup\n\n" + "; ".join(f"`{label}` = {url} (model `{servers[label].model}`)"
+                                         for label, url in targets)
              + f". Trace `{spec.trace}` ({spec.replay} split, first {spec.limit} requests), lengths / {spec.length_divisor:g}, "
              f"outputs capped at {spec.max_tokens}, streamed `/v1/completions` with `ignore_eos`. Command: "
              f"`cacheopt {' '.join(sys.argv[1:])}`")
@@ -480,16 +519,75 @@ def _bench_targets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_overhead(args: argparse.Namespace) -> int:
-    import httpx
+def cmd_hostile(args: argparse.Namespace) -> int:
+    import asyncio
 
+    from tqdm import tqdm
+
+    from bench.hostile import catalogue, large_bodies, run_catalogue
+    from bench.http_bench import describe_target
+    from cluster.config import ClusterConfig
+
+    key = _client_api_key()
+    target = describe_target(args.target, key)
+    limit = args.body_limit or ClusterConfig().max_request_body_bytes
+    cases = catalogue(target.model, body_limit=limit, needs_key=key is not None)
+    with tqdm(total=len(cases), unit="case") as bar:
+        outcomes = run_catalogue(target, cases, api_key=key, on_case=bar.update)
+    for o in outcomes:
+        print(f"{'ok ' if o.ok else 'BAD'} {o.status:3d}  {o.case.name}" + ("" if o.ok else f"  ({o.detail})"))
+    bad = [o for o in outcomes if not o.ok]
+    server_errors = sum(o.status >= 500 or o.status == 0 for o in outcomes)
+    print(f"{len(outcomes) - len(bad)}/{len(outcomes)} classes got the expected 4xx with an OpenAI error body; "
+          f"{server_errors} got a 5xx or a dropped connection")
+    result: dict = {"target": args.target, "classes": len(outcomes), "as_expected": len(outcomes) - len(bad),
+                    "server_errors": server_errors,
+                    "cases": [{"name": o.case.name, "status": o.status, "ok": o.ok} for o in outcomes]}
+    if args.large_body_s > 0:
+        print(f"large bodies for {args.large_body_s:g} s next to ordinary streams ...")
+        result["large_bodies"] = asyncio.run(large_bodies(target, api_key=key, body_limit=limit,
+                                                          duration_s=args.large_body_s))
+        print(json.dumps(result["large_bodies"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"results: {args.out}")
+    return 1 if bad else 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from bench.http_bench import describe_target
+    from bench.soak import SoakSpec, soak
+
+    for name in ("disconnect", "slow"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name} must be a share in [0, 1]")
+    if args.disconnect + args.slow > 1 or args.duration <= 0 or args.rate <= 0:
+        raise ValueError("--duration and --rate must be positive and --disconnect + --slow at most 1")
+    target = describe_target(args.target, _client_api_key())
+    spec = SoakSpec(duration_s=args.duration, rate_rps=args.rate, disconnect_share=args.disconnect,
+                    slow_share=args.slow, seed=args.seed)
+    with tqdm(total=round(args.duration * args.rate), unit="req", disable=args.no_progress) as bar:
+        result = asyncio.run(soak(target, spec, on_request=bar.update))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("sent", "client_outcomes", "ttft_s", "server", "books_balance",
+                                             "aborts_match_cancellations", "idle", "rss_drift")}, indent=1))
+    print(f"results: {args.out}")
+    idle = result["idle"]
+    clean = (result["books_balance"] and result["aborts_match_cancellations"] and idle["in_flight"] == 0
+             and idle["kv_usage"] == 0)
+    return 0 if clean else 1
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from bench.http_bench import describe_target
     from bench.overhead import measure_added_latency
 
-    try:
-        model = httpx.get(f"{args.target}/v1/models", timeout=10).json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
-        raise ValueError(f"no CacheOPT cluster answers at {args.target}: {error}") from None
-    result = measure_added_latency(args.target, model, requests=args.requests)
+    result = measure_added_latency(describe_target(args.target, _client_api_key()), requests=args.requests)
     print(json.dumps(result, indent=1))
     print(f"latency the HTTP path adds: p50 {result['added_p50_ms']:.2f} ms")
     return 0
@@ -513,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"sim": cmd_sim, "predictor": cmd_predictor, "model": cmd_model, "speed": cmd_speed,
                     "calibrate": cmd_calibrate, "bench": cmd_bench, "serve": cmd_serve,
-                    "overhead": cmd_overhead}
+                    "overhead": cmd_overhead, "hostile": cmd_hostile, "soak": cmd_soak}
         return commands[args.command](args)
     except ValueError as error:
         print(f"cacheopt {args.command}: error: {error}", file=sys.stderr)

@@ -6,6 +6,7 @@ Ray, two CPU vLLM replicas of the local tiny model, no Redis, HTTP on 127.0.0.1:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from replicas.engines.config import EngineConfig
 from replicas.policies import SIMULATOR_ONLY, check_policy_names
 
+# Secrets from the environment (the `ray up` YAMLs set them on the head from files that
+# never enter git), used where the flags and the YAML name none.
+API_KEY_ENV = "CACHEOPT_API_KEY"  # comma-separated keys, as vLLM's VLLM_API_KEY (one key there)
+REDIS_URL_ENV = "CACHEOPT_REDIS_URL"  # redis://[user:password@]host:port/db or rediss://
 DEFAULT_PREDICTOR = Path(__file__).resolve().parents[1] / "predictor" / "data" / "length-conv.json"
 
 
@@ -55,8 +60,25 @@ class ClusterConfig(_Strict):
     # KV-headroom router (cluster.router). p2c is the default because kv has not been shown
     # to beat it (docs/RESULTS.md 4.3: a tie within this machine's noise at two replicas).
     router: Literal["kv", "p2c"] = "p2c"
+    # Clients must send `Authorization: Bearer <one of these>` to /v1/* (vLLM's --api-key);
+    # empty: no authentication (the embedded default binds loopback only). /health is always
+    # open; /metrics is open unless metrics_require_key.
+    api_keys: tuple[str, ...] = ()
+    # Keys of trusted clients (a gateway): accepted wherever api_keys are, and they may send
+    # an upstream output-length prediction in vllm_xargs (cluster.openai_api.TRUSTED_CLIENT_XARGS).
+    trusted_api_keys: tuple[str, ...] = ()
+    metrics_require_key: bool = False
+    # A larger body gets 413 before it is read (a prompt of 128k tokens is about 0.5 MiB).
+    max_request_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
+
+    @field_validator("api_keys", "trusted_api_keys")
+    @classmethod
+    def _usable_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not k or k != k.strip() or not k.isprintable() for k in keys):
+            raise ValueError("API keys must be non-empty printable strings without surrounding spaces")
+        return keys
 
     def engine_settings(self):
         """What each replica's engine is told about the policy (replicas.engine_settings)."""
@@ -69,7 +91,8 @@ class ClusterConfig(_Strict):
 
 
 def load_config(path: Path | None = None, **overrides) -> ClusterConfig:
-    """The YAML file at `path` (or the defaults), then `overrides` on top (CLI flags)."""
+    """The YAML file at `path` (or the defaults), then `overrides` on top (CLI flags), then
+    the secrets neither names from the environment (`secrets_from_environment`)."""
     import yaml
 
     data: dict = {}
@@ -85,11 +108,22 @@ def load_config(path: Path | None = None, **overrides) -> ClusterConfig:
         data = loaded or {}
     _merge(data, overrides)
     try:
-        return ClusterConfig.model_validate(data)
+        return ClusterConfig.model_validate(secrets_from_environment(data))
     except ValidationError as error:
         where = f"{path}: " if path else ""
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"{where}{problems}") from None
+
+
+def secrets_from_environment(data: dict) -> dict:
+    """`data` with the API keys from $CACHEOPT_API_KEY and the Redis URL from
+    $CACHEOPT_REDIS_URL where it names none."""
+    data = dict(data)
+    if not data.get("api_keys") and os.environ.get(API_KEY_ENV):
+        data["api_keys"] = [k.strip() for k in os.environ[API_KEY_ENV].split(",") if k.strip()]
+    if not data.get("redis_url") and os.environ.get(REDIS_URL_ENV):
+        data["redis_url"] = os.environ[REDIS_URL_ENV]
+    return data
 
 
 def _merge(base: dict, overrides: dict) -> None:

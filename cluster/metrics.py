@@ -7,7 +7,10 @@ picks, renders the sums of what every live replica last reported to the global s
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import time
+from collections import deque
 from collections.abc import Mapping
 
 from replicas.snapshot import KVSnapshot
@@ -22,6 +25,8 @@ CACHEOPT_COUNTERS = {
     "reserve_draw_blocks": ("cacheopt_reserve_draw_blocks_total", "blocks drawn from the global reserve", {}),
     "preempt_recompute": ("cacheopt_preemptions_total", "preemptions by mode", {"mode": "recompute"}),
     "preempt_swap": ("cacheopt_preemptions_total", "preemptions by mode", {"mode": "swap"}),
+    "abort": ("cacheopt_engine_aborts_total", "requests the engine aborted before their end (client left, stop "
+              "sequence)", {}),
 }
 
 
@@ -29,23 +34,28 @@ class ReplicaMetrics:
     """One replica's request counters and TTFT histogram; `as_dict` travels to the global
     scheduler with each report, and `render` sums what every replica last reported."""
 
-    COUNTERS = ("requests", "finished", "failed", "cancelled", "rejected", "shed", "prompt_tokens",
-                "generation_tokens")
+    # Every request that reaches a completions endpoint is counted in `requests` and, once
+    # answered, in exactly one of finished, failed, cancelled, left_early, rejected (429) and invalid.
+    COUNTERS = ("requests", "finished", "failed", "cancelled", "left_early", "rejected", "shed", "invalid",
+                "store_errors", "prompt_tokens", "generation_tokens")
 
     def __init__(self) -> None:
         self.requests = 0
         self.finished = 0
         self.failed = 0
-        self.cancelled = 0  # the client left before the end
+        self.cancelled = 0  # the client left before the end, after its request reached the engine (which aborted it)
+        self.left_early = 0  # the client left before its request reached the engine
         self.rejected = 0
         self.shed = 0  # of the rejected: refused by the replica's policy after a bounded wait
+        self.invalid = 0  # refused with a 4xx other than 429: bad input, no API key, too large
+        self.store_errors = 0  # Redis calls that failed or values that did not parse
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)
         self.ttft_sum = 0.0
 
     def on_request(self, prompt_tokens: int) -> None:
-        self.requests += 1
+        """A request goes to the engine (counted in `requests` when it arrived)."""
         self.prompt_tokens += prompt_tokens
 
     def on_first_token(self, ttft_s: float) -> None:
@@ -61,19 +71,50 @@ class ReplicaMetrics:
                 "ttft_sum": self.ttft_sum}
 
 
+class LoopLagMonitor:
+    """How late the event loop wakes a task that asked to sleep PERIOD_S: the time a
+    request handler, a tokenizer call or a JSON parse held the loop that every stream of
+    this replica shares. Keeps the last WINDOW samples (about a minute)."""
+
+    PERIOD_S = 0.02
+    WINDOW = 3000
+
+    def __init__(self) -> None:
+        self.samples: deque[float] = deque(maxlen=self.WINDOW)
+        self.max_s = 0.0
+
+    async def run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(self.PERIOD_S)
+            self.record(time.perf_counter() - started - self.PERIOD_S)
+
+    def record(self, lag_s: float) -> None:
+        lag_s = max(0.0, lag_s)
+        self.samples.append(lag_s)
+        self.max_s = max(self.max_s, lag_s)
+
+    def as_dict(self) -> dict:
+        ordered = sorted(self.samples)
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0
+        return {"loop_lag_p99_s": p99, "loop_lag_max_s": self.max_s}
+
+
 def render(replicas: Mapping[str, dict], confidence: float, arrival_rate: float) -> str:
     """The cluster's metrics from each live replica's last report: {"metrics":
     ReplicaMetrics.as_dict(), "snapshot": KVSnapshot dict or None}."""
-    totals = {k: sum(r["metrics"].get(k, 0) for r in replicas.values()) for k in ReplicaMetrics.COUNTERS}
+    totals = {k: sum(r["metrics"].get(k, 0) for r in replicas.values()) for k in (*ReplicaMetrics.COUNTERS, "in_flight")}
     ttft_counts = [sum(c) for c in zip(*(r["metrics"].get("ttft_counts", ()) for r in replicas.values()))] \
         or [0] * (len(TTFT_BUCKETS_S) + 1)
     ttft_sum = sum(r["metrics"].get("ttft_sum", 0.0) for r in replicas.values())
     snapshots = {name: KVSnapshot.from_dict(r["snapshot"]) for name, r in sorted(replicas.items()) if r.get("snapshot")}
-    return _render(totals, ttft_counts, ttft_sum, snapshots, confidence, arrival_rate)
+    loop_lag = {key: max((r["metrics"].get(key, 0.0) for r in replicas.values()), default=0.0)
+                for key in ("loop_lag_p99_s", "loop_lag_max_s")}
+    return _render(totals, ttft_counts, ttft_sum, snapshots, confidence, arrival_rate, loop_lag)
 
 
 def _render(totals: dict, ttft_counts: list[int], ttft_sum: float, snapshots: Mapping[str, KVSnapshot],
-            confidence: float, arrival_rate: float) -> str:
+            confidence: float, arrival_rate: float, loop_lag: Mapping[str, float]) -> str:
     out: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
@@ -87,11 +128,25 @@ def _render(totals: dict, ttft_counts: list[int], ttft_sum: float, snapshots: Ma
     metric("vllm:prompt_tokens_total", "counter", "prompt tokens received", [({}, totals["prompt_tokens"])])
     metric("vllm:generation_tokens_total", "counter", "tokens generated", [({}, totals["generation_tokens"])])
     metric("cacheopt_requests_failed_total", "counter", "requests a replica failed", [({}, totals["failed"])])
-    metric("cacheopt_requests_cancelled_total", "counter", "requests whose client left before the end",
-           [({}, totals["cancelled"])])
+    metric("cacheopt_requests_cancelled_total", "counter",
+           "requests whose client left before the end, after the request reached the engine", [({}, totals["cancelled"])])
+    metric("cacheopt_requests_left_early_total", "counter",
+           "requests whose client left before the request reached the engine", [({}, totals["left_early"])])
     metric("cacheopt_requests_rejected_total", "counter", "requests refused with 429", [({}, totals["rejected"])])
     metric("cacheopt_requests_shed_total", "counter",
            "requests a replica's policy refused after a bounded wait (429; also in rejected)", [({}, totals["shed"])])
+    metric("cacheopt_requests_invalid_total", "counter",
+           "requests refused with a 4xx other than 429 (bad input, missing or wrong API key, too large)",
+           [({}, totals["invalid"])])
+    metric("cacheopt_requests_total", "counter", "requests received by the completion endpoints",
+           [({}, totals["requests"])])
+    metric("cacheopt_requests_in_flight", "gauge", "requests a replica is handling now (body read or parsed, queued, running)",
+           [({}, totals["in_flight"])])
+    metric("cacheopt_store_errors_total", "counter", "Redis calls that failed or values that did not parse",
+           [({}, totals["store_errors"])])
+    metric("cacheopt_event_loop_lag_seconds", "gauge",
+           "how late a replica's event loop ran a due task over the last minute (worst replica)",
+           [({"quantile": "0.99"}, loop_lag["loop_lag_p99_s"]), ({"quantile": "1"}, loop_lag["loop_lag_max_s"])])
     cumulative, buckets = 0, []
     for edge, count in zip(TTFT_BUCKETS_S, ttft_counts):
         cumulative += count

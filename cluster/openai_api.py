@@ -15,7 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from replicas.engine_settings import XARG_BOUND, XARG_POINT, XARG_SLO
 
 
 class ApiError(Exception):
@@ -28,76 +30,183 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# vLLM's `vllm_xargs` reach the engine's scheduler, so the keys CacheOPT reads there
+# (p, the reserve lease, output bounds, the trace parent) are set by the serving replica
+# alone: a client that sends one gets 400 (the SLO class has its own field, `slo`). A
+# client holding a trusted key (a gateway that predicts output lengths from the prompt
+# text) may forward its prediction and the SLO class; never p, the lease or the trace.
+CLIENT_REFUSED_XARG_PREFIX = "cacheopt_"
+TRUSTED_CLIENT_XARGS = frozenset({XARG_POINT, XARG_BOUND, XARG_SLO})
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: accepted, usage comes at the end only
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+    """The fields this server honours; any other field is refused (400), so nothing a
+    client asks for is silently ignored. Fields OpenAI defines that this server cannot
+    honour are declared only to be refused by name when set (`_refuse_unsupported`)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str
+    model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's extension
+    top_k: int | None = Field(None, ge=-1, le=1_000_000)  # vLLM's extension (0 or -1: off)
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension
+    user: str | None = Field(None, max_length=512)  # OpenAI's end-user id: metadata only
     slo: str | None = None  # CacheOPT: the request's SLO class
     ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens whatever the model says
-    vllm_xargs: dict[str, Any] | None = None
+    vllm_xargs: dict[str, str | int | float | bool] | None = None
+    # OpenAI fields this server does not honour: refused when set to anything but their default.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not stops:
+            return None
+        if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} non-empty stop sequences of at most "
+                             f"{MAX_STOP_CHARS} characters")
+        return stops
+
+    @field_validator("vllm_xargs")
+    @classmethod
+    def _no_scheduler_internals(cls, xargs: dict | None, info: ValidationInfo) -> dict | None:
+        allowed = TRUSTED_CLIENT_XARGS if (info.context or {}).get("trusted") else frozenset()
+        refused = sorted(k for k in xargs or {} if k.startswith(CLIENT_REFUSED_XARG_PREFIX) and k not in allowed)
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: cacheopt_* arguments are set by the server only "
+                             "(send the SLO class as `slo`)")
+        return xargs
+
+    def sampling(self) -> dict:
+        """vLLM `SamplingParams` fields the client set (the engine applies them)."""
+        names = ("temperature", "top_p", "seed", "ignore_eos", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "top_k", "min_p")
+        return {name: value for name in names if (value := getattr(self, name)) is not None}
+
+
+_UNSUPPORTED_DEFAULTS = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+                         "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+                         "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+                         "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,)}
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int]
+    prompt: str | list[int] = Field(union_mode="left_to_right")
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
 
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
 
 
 class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def parse_body(raw: bytes, model_cls: type[_Request]) -> _Request:
+def parse_body(raw: bytes, model_cls: type[_Request], *, trusted: bool = False) -> _Request:
+    """The validated request, or an ApiError (400) that names the field at fault; `trusted`:
+    the client holds a trusted key (TRUSTED_CLIENT_XARGS)."""
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    except ValueError as error:  # not JSON, not UTF-8, or a number with too many digits
         raise ApiError(400, f"request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:
-        request = model_cls.model_validate(data)
+        request = model_cls.model_validate(data, context={"trusted": trusted})
     except ValidationError as error:
-        first = error.errors()[0]
+        # Of a union's alternatives, the one that got furthest says best what is wrong.
+        first = max(error.errors(), key=lambda e: len(e["loc"]))
         # Union members show up in the location (`prompt.str`): keep field names and indices.
         param = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
-        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"{param}: {message}" if param else message, param=param or None) from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if request.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
-    for unsupported in ("response_format", "tools", "guided_json", "guided_regex", "guided_choice"):
-        if getattr(request, unsupported, None) not in (None, [], {"type": "text"}):
-            raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
+    for name, defaults in _UNSUPPORTED_DEFAULTS.items():
+        if getattr(request, name) not in defaults:
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
     return request
 
 
 class PromptRenderer:
-    """Tokenizes prompts with the model's own tokenizer (`tokenizer.json`). Chat messages
-    are joined as `role: content` lines: the local model has no chat template."""
+    """Tokenizes prompts with the model's own tokenizer (`tokenizer.json`) and renders chat
+    requests with the model's chat template (`tokenizer_config.json`'s `chat_template`, or
+    `chat_template.jinja`), in a sandboxed Jinja environment as transformers does. Message
+    text may not contain the tokenizer's special tokens: they mark turns, so a user who
+    could write them could forge a system turn."""
 
     def __init__(self, model_dir: Path):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        model_dir = Path(model_dir)
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.vocab_size = self.tokenizer.get_vocab_size()
+        self.special_tokens = sorted(t.content for t in self.tokenizer.get_added_tokens_decoder().values()
+                                     if t.special)
+        config = _read_json(model_dir / "tokenizer_config.json")
+        template_file = model_dir / "chat_template.jinja"
+        source = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        self._template = _compile_chat_template(source) if isinstance(source, str) else None
+        self._template_vars = {k: config.get(k) for k in ("bos_token", "eos_token")}
 
     def completion_ids(self, request: CompletionRequest) -> list[int]:
         if isinstance(request.prompt, list):
@@ -105,24 +214,89 @@ class PromptRenderer:
             if bad or not request.prompt:
                 raise ApiError(400, f"prompt token ids must be non-empty and in [0, {self.vocab_size})", param="prompt")
             return list(request.prompt)
-        ids = self.tokenizer.encode(request.prompt).ids
+        ids = self.encode(request.prompt)
         if not ids:
             raise ApiError(400, "prompt is empty", param="prompt")
         return ids
 
     def chat_ids(self, request: ChatRequest) -> list[int]:
-        lines = []
-        for m in request.messages:
-            content = m.content if isinstance(m.content, str) else " ".join(
-                part.get("text", "") for part in (m.content or []) if isinstance(part, dict))
-            lines.append(f"{m.role}: {content}")
-        return self.tokenizer.encode("\n".join(lines) + "\nassistant:").ids
+        if self._template is None:
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        messages = []
+        for i, m in enumerate(request.messages):
+            text = m.text()
+            if forged := next((t for t in self.special_tokens if t in text), None):
+                raise ApiError(400, f"messages[{i}] contains the reserved token {forged!r}",
+                               param=f"messages.{i}.content")
+            messages.append({"role": m.role, "content": text})
+        try:
+            prompt = self._template.render(messages=messages, add_generation_prompt=True, **self._template_vars)
+        except Exception as error:  # noqa: BLE001 (a template may raise on what it does not accept)
+            raise ApiError(400, f"the chat template refused these messages: {error}", param="messages") from None
+        return self.encode(prompt, add_special_tokens=False)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        # encode_batch, not encode: only it releases the GIL, so that tokenizing a large
+        # prompt in a worker thread does not stall the event loop (1.3 s for 2 MB of text).
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self.tokenizer)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _compile_chat_template(source: str):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+class StopMatcher:
+    """Stop sequences over streamed text, as vLLM applies them: the text up to the first
+    stop sequence is emitted, the sequence itself is not, and generation ends there. While
+    streaming, the last len(longest stop) - 1 characters are held back, since they may be
+    the start of a stop sequence that the next step completes."""
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = stops or []
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """What of `text` (after earlier held-back text) may be emitted now; sets `stopped`
+        when a stop sequence appeared."""
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        self._pending += text
+        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._pending = self._pending[:min(hits)], ""
+            return out
+        cut = max(0, len(self._pending) - self._hold)
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
 
 
 class StreamDecoder:

@@ -21,24 +21,29 @@ Serve replaces the replica and routes around it meanwhile.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from cluster.config import ClusterConfig
-from cluster.metrics import ReplicaMetrics, render
+from cluster.metrics import LoopLagMonitor, ReplicaMetrics, render
 from cluster.openai_api import (
     ApiError,
     ChatRequest,
     CompletionRequest,
     PromptRenderer,
+    StopMatcher,
     completion_body,
     completion_chunk,
     new_id,
@@ -46,6 +51,7 @@ from cluster.openai_api import (
     usage_chunk,
 )
 from global_scheduler.actor import REPORT_PERIOD_S, global_scheduler_handle
+from global_scheduler.reserve import Lease, freshest_lease
 from global_scheduler.store import RedisStore, StoreUnavailable
 from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_RESERVE, XARG_SLO, XARG_TRACEPARENT
 from replicas.engines import EngineDead, RequestShed, make_engine
@@ -63,9 +69,9 @@ FAILURE_WINDOW_S = 10.0  # a replica that failed a request this recently ranks l
 MAX_ARRIVALS_BUFFERED = 100_000  # arrivals between two reports to the global scheduler, bounded
 REQUEST_BLOCKS_SMOOTHING = 0.1
 WARM_UP_TIMEOUT_S = 600.0
-# Only the front sets these: the reserve lease comes from the global scheduler, the trace
-# context from this replica's span.
-SERVER_ONLY_XARGS = (XARG_RESERVE, XARG_TRACEPARENT)
+# Bodies above this are parsed and tokenized in a worker thread, so that one large prompt
+# does not stall every stream this replica serves; below it the thread hop costs more.
+PARSE_INLINE_BYTES = 16 * 1024
 
 
 def global_settings(config: ClusterConfig) -> dict:
@@ -92,14 +98,44 @@ class _ClosingStream(StreamingResponse):
 
 
 class _Progress:
-    __slots__ = ("arrival", "span", "rid", "prompt", "tokens", "first_s", "closed")
+    __slots__ = ("arrival", "span", "rid", "prompt", "max_tokens", "tokens", "first_s", "closed")
 
-    def __init__(self, arrival: float, span, rid: str, prompt: int):
-        self.arrival, self.span, self.rid, self.prompt = arrival, span, rid, prompt
+    def __init__(self, arrival: float, span, rid: str, prompt: int, max_tokens: int):
+        self.arrival, self.span, self.rid, self.prompt, self.max_tokens = arrival, span, rid, prompt, max_tokens
         self.tokens, self.first_s, self.closed = 0, None, False
 
 
-api = FastAPI(title="CacheOPT", docs_url=None, redoc_url=None)
+class _Text:
+    """A request's output text as it streams: incremental detokenization, then its stop
+    sequences (vLLM's semantics: the text ends before the first one, which is not sent).
+    Defined above the deployment class: defined below it, the replicas did not find it."""
+
+    def __init__(self, renderer: PromptRenderer, stops: list[str] | None):
+        self._decoder = renderer.stream_decoder()
+        self._stops = StopMatcher(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def step(self, ids: list[int]) -> str:
+        return self._stops.feed(self._decoder.step(ids))
+
+    def flush(self) -> str:
+        return self._stops.feed(self._decoder.flush()) + self._stops.flush()
+
+    def finish(self, tokens: int, max_tokens: int) -> str:
+        return "stop" if self.stopped or tokens < max_tokens else "length"
+
+
+# No /docs, /redoc or /openapi.json: they describe nothing a client needs and answer anyone.
+api = FastAPI(title="CacheOPT", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _openai_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own 404 and 405 (unknown path, wrong method) with OpenAI's error body."""
+    return ApiError(error.status_code, str(error.detail), headers=getattr(error, "headers", None)).response()
 
 
 @serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=10)
@@ -112,10 +148,15 @@ class LLMServer:
         self.engine = make_engine(self.config.engine, self.config.engine_settings())
         self.renderer = PromptRenderer(Path(self.config.engine.model))
         self.metrics = ReplicaMetrics()
-        self.in_flight = 0
+        self.in_flight = 0  # requests in the engine (the queue limit counts these)
+        self.preparing = 0  # requests whose body is being read, parsed or tokenized
         self.arrivals: deque[float] = deque(maxlen=MAX_ARRIVALS_BUFFERED)
         self.confidence = self.config.policy.confidence
-        self.lease: int | None = None
+        self.lease: Lease | None = None
+        self.had_lease = False  # once it had one, an expired lease means a reserve of 0, not the engine's default
+        self._api_keys = [k.encode() for k in self.config.api_keys]
+        self._trusted_keys = [k.encode() for k in self.config.trusted_api_keys]
+        self.loop_lag = LoopLagMonitor()
         self.arrival_rate = 0.0
         self.cluster_ready = False  # every replica has been warm at once (since then: 200 while any can serve)
         self.ready_replicas = 0
@@ -133,6 +174,7 @@ class LLMServer:
             await self.engine.shutdown()  # Serve retries the replica: leave no engine process behind
             raise
         self._control = asyncio.get_running_loop().create_task(self._control_loop())
+        self._lag_task = asyncio.get_running_loop().create_task(self.loop_lag.run())
 
     async def _warm_up(self) -> None:
         """One request through the engine before Serve sends traffic: the first real
@@ -154,16 +196,14 @@ class LLMServer:
 
     async def _report(self) -> None:
         snap_dict = self._snapshot_dict()
-        redis_lease = None
         if self.store is not None:
             try:
                 if snap_dict is not None:
                     await asyncio.to_thread(self.store.publish_snapshot, self.replica_id, snap_dict)
-                redis_lease = await asyncio.to_thread(self.store.lease, self.replica_id)
+                self._take_lease(await asyncio.to_thread(self.store.lease, self.replica_id))
             except StoreUnavailable:
                 pass  # publish again when Redis is back; meanwhile the scheduler's reply carries the lease
-        if redis_lease is not None:
-            self.lease = redis_lease  # fenced by epoch in Redis: the freshest split
+            self.metrics.store_errors = sum(self.store.errors.values())
         arrivals = list(self.arrivals)
         self.arrivals.clear()  # sent once: a report that times out may still arrive, so no resend
         try:
@@ -171,7 +211,7 @@ class LLMServer:
             if self._scheduler_started_s is None:  # a redeploy's settings reach a scheduler that outlived the old deployment
                 await asyncio.wait_for(scheduler.configure.remote(global_settings(self.config)), 5.0)
             reply = await asyncio.wait_for(scheduler.report.remote(
-                self.replica_id, arrivals, snap_dict, self.metrics.as_dict(), self._engine_healthy()), 5.0)
+                self.replica_id, arrivals, snap_dict, self._metrics_dict(), self._engine_healthy()), 5.0)
         except Exception as error:  # noqa: BLE001 (serving goes on with the last p and lease)
             log.warning("global scheduler unavailable (%s); keeping p=%.2f", error, self.confidence)
             self._global, self._scheduler_started_s = None, None
@@ -180,9 +220,22 @@ class LLMServer:
         restarted = self._scheduler_started_s not in (None, reply["started_s"])
         self._scheduler_started_s = None if restarted else reply["started_s"]
         self.confidence, self.arrival_rate = reply["confidence"], reply["arrival_rate_rps"]
-        if redis_lease is None and reply["lease"] is not None:
-            self.lease = reply["lease"]
+        if (lease := reply["lease"]) is not None:
+            self._take_lease(Lease(lease["blocks"], lease["epoch"], time.time() + lease["ttl_s"]))
         self._set_readiness(reply["ready_replicas"], reply["expected_replicas"])
+
+    def _take_lease(self, offered: Lease | None) -> None:
+        self.lease = freshest_lease(self.lease, [offered], time.time())
+        self.had_lease = self.had_lease or self.lease is not None
+
+    def _reserve_blocks(self) -> int | None:
+        """The reserve this replica may hold now: its lease while valid, 0 once a lease
+        expired unrenewed (the share may have gone to another replica), None before the
+        first lease (the engine keeps its configured reserve)."""
+        self.lease = freshest_lease(self.lease, [], time.time())
+        if self.lease is not None:
+            return self.lease.blocks
+        return 0 if self.had_lease else None
 
     async def _scheduler(self):
         """The global scheduler's handle (looked up off the event loop: it asks Ray's GCS)."""
@@ -221,8 +274,9 @@ class LLMServer:
 
     async def __del__(self):
         # Serve calls this also when __init__ failed or was interrupted.
-        if getattr(self, "_control", None) is not None:
-            self._control.cancel()
+        for task in (getattr(self, "_control", None), getattr(self, "_lag_task", None)):
+            if task is not None:
+                task.cancel()
         if getattr(self, "engine", None) is not None:
             await self.engine.shutdown()
 
@@ -261,8 +315,54 @@ class LLMServer:
         except Exception:  # noqa: BLE001 (the global scheduler is away)
             return None
 
+    def _authorize(self, http: Request) -> bool:
+        """vLLM's --api-key convention with OpenAI's error body: 401 unless the request
+        carries `Authorization: Bearer <key>` with one of the configured keys (none
+        configured: open). Returns whether the key is a trusted one."""
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # Every key compared in constant time: the answer's timing says nothing about them.
+        trusted = bool(given) and bool(sum(hmac.compare_digest(given, key) for key in self._trusted_keys))
+        if trusted or not self._api_keys:
+            return trusted
+        if not given:
+            raise ApiError(401, "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not sum(hmac.compare_digest(given, key) for key in self._api_keys):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return False
+
+    async def _read_body(self, http: Request) -> bytes:
+        """The JSON body, refused with 415 for another content type and with 413 as soon
+        as it is known to exceed the limit: by its Content-Length before reading any of
+        it, or while reading a body of unannounced length."""
+        media_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, not {media_type or 'missing'!r}")
+        limit = self.config.max_request_body_bytes
+        length = http.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise ApiError(400, f"Content-Length {length!r} is not a number")
+            if int(length) > limit:
+                raise ApiError(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes",
+                               code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, http: Request):
+        try:
+            self._authorize(http)
+        except ApiError as error:
+            return error.response()
         e = self.config.engine
         return {"object": "list", "data": [{
             "id": e.served_model_name, "object": "model", "created": 0, "owned_by": "cacheopt",
@@ -270,8 +370,13 @@ class LLMServer:
             "description": RANDOM_WEIGHTS_NOTE if e.random_weights else f"model at {e.model}"}]}
 
     @api.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
-        mine = {"metrics": self.metrics.as_dict(), "snapshot": self._snapshot_dict()}
+    async def metrics(self, http: Request):
+        if self.config.metrics_require_key:
+            try:
+                self._authorize(http)
+            except ApiError as error:
+                return error.response()
+        mine = {"metrics": self._metrics_dict(), "snapshot": self._snapshot_dict()}
         state = await self._scheduler_state()
         if state is not None:
             replicas = {**state["replicas"], self.replica_id: mine}  # this replica's own counters are fresher
@@ -288,16 +393,41 @@ class LLMServer:
     async def chat_completions(self, request: Request):
         return await self._serve(request, "chat")
 
+    def _metrics_dict(self) -> dict:
+        # The pid tells operators (and the fault tests) which process serves as this replica.
+        return {**self.metrics.as_dict(), **self.loop_lag.as_dict(), "in_flight": self.in_flight + self.preparing,
+                "pid": os.getpid()}
+
+    def _refused(self, error: ApiError) -> JSONResponse:
+        """A completion request refused before it reached the engine (4xx): counted."""
+        if error.status == 429:
+            self.metrics.rejected += 1
+        else:
+            self.metrics.invalid += 1
+        return error.response()
+
+    def _prepare(self, raw: bytes, kind: str, trusted: bool) -> tuple:
+        """Parse, validate and tokenize: CPU work, run off the event loop for large bodies."""
+        body = parse_body(raw, ChatRequest if kind == "chat" else CompletionRequest, trusted=trusted)
+        e = self.config.engine
+        if body.model != e.served_model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
+                                f"{e.served_model_name!r}", param="model", code="model_not_found")
+        ids = self.renderer.chat_ids(body) if kind == "chat" else self.renderer.completion_ids(body)
+        return body, ids
+
     async def _serve(self, http: Request, kind: str):
         arrival = time.time()
-        self.arrivals.append(arrival)
+        self.metrics.requests += 1
+        self.preparing += 1
         try:
-            body = parse_body(await http.body(), ChatRequest if kind == "chat" else CompletionRequest)
+            trusted = self._authorize(http)
+            raw = await self._read_body(http)
+            if len(raw) > PARSE_INLINE_BYTES:
+                body, ids = await asyncio.to_thread(self._prepare, raw, kind, trusted)
+            else:
+                body, ids = self._prepare(raw, kind, trusted)
             e = self.config.engine
-            if body.model != e.served_model_name:
-                raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
-                                    f"{e.served_model_name!r}", param="model", code="model_not_found")
-            ids = self.renderer.chat_ids(body) if kind == "chat" else self.renderer.completion_ids(body)
             max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
                           or max(1, e.max_model_len - len(ids)))
             if len(ids) + max_tokens > e.max_model_len:
@@ -309,30 +439,38 @@ class LLMServer:
             if slo not in SLO_CLASS_NAMES:
                 raise ApiError(400, f"unknown slo class {slo!r}; choose {', '.join(SLO_CLASS_NAMES)}", param="slo")
             if self.in_flight >= self.config.max_queued_requests:
-                self.metrics.rejected += 1
                 raise ApiError(429, "the server is overloaded; retry later", type_="server_overloaded",
                                headers={"Retry-After": "1"})
         except ApiError as error:
-            return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+            return self._refused(error)
+        except ClientDisconnect:  # left while its body was being read: nobody to answer
+            self.metrics.left_early += 1
+            return Response(status_code=499)
+        except asyncio.CancelledError:  # left while the body was read or parsed (Serve cancels the handler)
+            self.metrics.left_early += 1
+            raise
+        finally:
+            self.preparing -= 1
+        self.arrivals.append(arrival)  # what the engines are asked to serve: refused requests tune nothing
 
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         span = self.tracer.start_span("cacheopt.request", attributes={
             "gen_ai.request.id": rid, "gen_ai.request.model": body.model, "gen_ai.request.max_tokens": max_tokens,
             "gen_ai.usage.input_tokens": len(ids), "cacheopt.slo": slo, "cacheopt.replica": self.replica_id})
-        extra = {k: v for k, v in (body.vllm_xargs or {}).items() if k not in SERVER_ONLY_XARGS}
-        extra.update({XARG_SLO: slo, XARG_CONFIDENCE: self.confidence, XARG_MAX_TOKENS: max_tokens})
-        if self.lease is not None:
-            extra[XARG_RESERVE] = self.lease
+        # Clients cannot send cacheopt_* keys (parse_body refuses them): these are ours alone.
+        extra = {**(body.vllm_xargs or {}), XARG_SLO: slo, XARG_CONFIDENCE: self.confidence,
+                 XARG_MAX_TOKENS: max_tokens}
+        if (reserve := self._reserve_blocks()) is not None:
+            extra[XARG_RESERVE] = reserve
         traceparent = inject_context(span).get("traceparent")
         if traceparent:
             extra[XARG_TRACEPARENT] = traceparent  # the engine's span joins this trace
-        sampling = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p), ("seed", body.seed),
-                                       ("ignore_eos", body.ignore_eos)) if v is not None}
+        sampling = body.sampling()
         self.in_flight += 1
         self.metrics.on_request(len(ids))
         self.request_blocks += REQUEST_BLOCKS_SMOOTHING * (blocks_for(len(ids) + max_tokens, e.block_size)
                                                            - self.request_blocks)
-        state = _Progress(arrival, span, rid, len(ids))
+        state = _Progress(arrival, span, rid, len(ids), max_tokens)
         stream = self.engine.generate(rid, ids, max_tokens, extra, sampling)
         headers = {"x-cacheopt-replica": self.replica_id}
         # The first tokens decide the status: a request the policy sheds gets 429, not a 200
@@ -348,32 +486,36 @@ class LLMServer:
             raise
         except (ValueError, TypeError, OverflowError) as error:  # the engine refused what the client sent
             await stream.aclose()
-            self.metrics.rejected += 1
+            self.metrics.invalid += 1
             self._close(state)
-            return JSONResponse(ApiError(400, f"the engine refused the request: {error}").body(), status_code=400)
+            return ApiError(400, f"the engine refused the request: {error}").response()
         except Exception as error:  # noqa: BLE001 (an engine failure is a 503, not a stack trace)
             await stream.aclose()
             return self._failed(state, error)
         self._on_tokens(state, first)
+        text = _Text(self.renderer, body.stop)
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return _ClosingStream(self._sse(first, stream, kind, body.model, state, max_tokens, include_usage),
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _ClosingStream(self._sse(first, stream, kind, body.model, state, max_tokens, include_usage, text),
                                   lambda: self._close_stream(stream, state, cancelled=True),
                                   media_type="text/event-stream", headers=headers)
-        out: list[int] = list(first)
+        out = [text.step(first)]
         completed = False
         try:
-            async for chunk in stream:
-                self._on_tokens(state, chunk)
-                out += chunk
+            if not text.stopped:
+                async for chunk in stream:
+                    self._on_tokens(state, chunk)
+                    out.append(text.step(chunk))
+                    if text.stopped:
+                        break  # closing the stream below aborts the request in the engine
+            out.append(text.flush())
             completed = True
         except Exception as error:  # noqa: BLE001 (an engine failure is a 503, not a stack trace)
             return self._failed(state, error)
         finally:  # also on cancellation (the client left): the engine aborts the request
             await self._close_stream(stream, state, cancelled=not completed)
-        finish = "length" if len(out) >= max_tokens else "stop"
-        return JSONResponse(completion_body(kind, rid, body.model, self.renderer.decode(out), finish, len(ids),
-                                            len(out)), headers=headers)
+        return JSONResponse(completion_body(kind, rid, body.model, "".join(out), text.finish(state.tokens, max_tokens),
+                                            len(ids), state.tokens), headers=headers)
 
     def _on_tokens(self, state: _Progress, ids: list[int]) -> None:
         if state.first_s is None and ids:
@@ -383,21 +525,23 @@ class LLMServer:
         state.tokens += len(ids)
 
     async def _sse(self, first: list[int], stream, kind: str, model: str, state: _Progress, max_tokens: int,
-                   include_usage: bool):
+                   include_usage: bool, text: _Text):
         created = int(time.time())
-        decoder = self.renderer.stream_decoder()
         completed = False
 
-        def event(text: str, finish: str | None = None) -> str:
-            return f"data: {json.dumps(completion_chunk(kind, state.rid, model, created, text, finish))}\n\n"
+        def event(delta: str, finish: str | None = None) -> str:
+            return f"data: {json.dumps(completion_chunk(kind, state.rid, model, created, delta, finish))}\n\n"
         try:
-            if text := decoder.step(first):
-                yield event(text)
-            async for chunk in stream:  # one list per engine step: one event per step, not per token
-                self._on_tokens(state, chunk)
-                if text := decoder.step(chunk):  # empty while a character's bytes are incomplete
-                    yield event(text)
-            yield event(decoder.flush(), "length" if state.tokens >= max_tokens else "stop")
+            if delta := text.step(first):
+                yield event(delta)
+            if not text.stopped:
+                async for chunk in stream:  # one list per engine step: one event per step, not per token
+                    self._on_tokens(state, chunk)
+                    if delta := text.step(chunk):  # empty while a character or a possible stop is incomplete
+                        yield event(delta)
+                    if text.stopped:
+                        break  # the finally below aborts the request in the engine
+            yield event(text.flush(), text.finish(state.tokens, max_tokens))
             if include_usage:
                 yield f"data: {json.dumps(usage_chunk(kind, state.rid, model, created, state.prompt, state.tokens))}\n\n"
             yield "data: [DONE]\n\n"
@@ -410,6 +554,9 @@ class LLMServer:
             await self._close_stream(stream, state, cancelled=not completed)
 
     async def _close_stream(self, stream, state: _Progress, *, cancelled: bool) -> None:
+        # A client that leaves once every token was generated cost the engine nothing more:
+        # the request is finished there, not aborted, and it counts as finished.
+        cancelled = cancelled and state.tokens < state.max_tokens
         try:
             await stream.aclose()  # a no-op when it ended; aborts the request in the engine when it did not
         finally:
@@ -455,3 +602,4 @@ class LLMServer:
             state.closed = True
             self.in_flight -= 1
             state.span.end()
+

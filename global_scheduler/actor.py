@@ -17,7 +17,7 @@ import ray
 
 from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
 from global_scheduler.reserve import rebalance_reserve
-from global_scheduler.store import RedisStore, StoreUnavailable
+from global_scheduler.store import LEASE_TTL_S, RedisStore, StoreUnavailable
 from replicas.snapshot import KVSnapshot
 
 log = logging.getLogger("cacheopt.global_scheduler")
@@ -25,7 +25,7 @@ GLOBAL_SCHEDULER = "cacheopt-global-scheduler"
 NAMESPACE = "cacheopt"
 REPORT_PERIOD_S = 0.5  # how often each replica reports
 REPLICA_SILENT_S = 5.0  # a replica not heard from for this long is gone: no lease, not counted ready
-REDIS_RETRY_S = 2.0
+REDIS_RETRY_S = 2 * REPORT_PERIOD_S  # after a failed write: back within two exchanges of its return
 
 
 class ClusterControl:
@@ -65,11 +65,15 @@ class ClusterControl:
         if parsed:
             budget = int(self.settings["reserve_fraction"] * sum(s.total_blocks for s in parsed.values()))
             self.leases = rebalance_reserve(budget, parsed)
+            # Epochs from the clock: a restarted scheduler's splits still come after its predecessor's.
+            self.epoch = max(self.epoch + 1, int(now * 1000))
             if now >= self.store_retry_s:
                 self._write_leases(now)
         rate = self.rate.rate_rps(now)
+        lease = self.leases.get(replica)
         return {"confidence": self.tuner.confidence(rate), "arrival_rate_rps": rate,
-                "lease": self.leases.get(replica), "started_s": self.started_s,
+                "lease": None if lease is None else {"blocks": lease, "epoch": self.epoch, "ttl_s": LEASE_TTL_S},
+                "started_s": self.started_s,
                 "ready_replicas": sum(r["ready"] for r in live.values()),
                 "expected_replicas": self.settings["replicas"]}
 
@@ -92,9 +96,8 @@ class ClusterControl:
         if self.store is None:
             return
         try:
-            self.epoch += 1
             stored = self.store.set_leases(self.epoch, self.leases)
-            if stored > self.epoch:  # a newer split exists (we restarted): continue after it
+            if stored > self.epoch:  # a newer split exists (a clock stepped back): continue after it
                 self.epoch = self.store.set_leases(stored + 1, self.leases)
         except StoreUnavailable:  # back off: every report waiting on a dead Redis would stall the replicas
             self.store_retry_s = now + REDIS_RETRY_S

@@ -3,12 +3,15 @@
 Pure. Each replica's pressure is what its queue needs beyond what it has free or idle
 (its snapshot's negative headroom), plus one so that an idle replica keeps a share; the
 budget is split in proportion, in whole blocks, never above what a replica could hold
-(half its blocks: the rest must stay admissible).
+(half its blocks: the rest must stay admissible). Each split carries an epoch, and a
+replica holds a lease only until it expires (`freshest_lease`), so a replica cut off from
+the scheduler and Redis stops using a share that may have been given to another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from replicas.snapshot import KVSnapshot
 
@@ -31,3 +34,21 @@ def rebalance_reserve(budget_blocks: int, snapshots: Mapping[str, KVSnapshot]) -
         leases[name] += extra
         left -= extra
     return leases
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A replica's share of the reserve as one split granted it: valid until `expires_s`
+    (the holder's clock), ordered by `epoch` (the split's; later splits have larger ones)."""
+
+    blocks: int
+    epoch: int
+    expires_s: float
+
+
+def freshest_lease(held: Lease | None, offered: Iterable[Lease | None], now: float) -> Lease | None:
+    """The lease a replica should hold: the newest-epoch one that has not expired, among
+    the one it holds and those just offered (Redis, the scheduler's reply). An older split
+    never replaces a newer one; with all expired the replica holds none."""
+    valid = [lease for lease in (held, *offered) if lease is not None and lease.expires_s > now]
+    return max(valid, key=lambda lease: lease.epoch, default=None)

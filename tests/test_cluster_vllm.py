@@ -162,20 +162,86 @@ def test_each_request_is_one_trace_from_the_server_into_the_engine(cluster):
     assert {a.key for a in admitted.attributes} == {"cacheopt.reserved_blocks", "cacheopt.embedded_in"}
 
 
-def test_a_dead_engine_is_detected_routed_around_and_replaced(cluster):
-    """Kill one replica's engine core: Serve's health check (every 2 s) fails, the replica
-    is taken out of routing and replaced, and requests keep succeeding meanwhile."""
+def replica_states() -> list[str]:
     from ray import serve
 
     from cluster.app import DEPLOYMENT
     from cluster.serve import APP_NAME
+
+    status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT]
+    return [state for state, count in status.replica_states.items() for _ in range(count)]
+
+
+def replica_process(replica_id: str):
+    """The process of the replica whose id the `x-cacheopt-replica` header names (as it
+    reports it to the global scheduler), and its actor's name."""
+    import ray
+    from ray.util import list_named_actors
+
+    from global_scheduler.actor import GLOBAL_SCHEDULER, NAMESPACE
+
+    (name,) = [a["name"] for a in list_named_actors(all_namespaces=True) if a["name"].endswith(f"#{replica_id}")]
+    state = ray.get(ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE).state.remote())
+    return psutil.Process(state["replicas"][replica_id]["metrics"]["pid"]), name
+
+
+class Streams:
+    """Streaming completions in threads: for each, the replica that serves it and how and
+    when it ended ('done', 'error' event, 'broken' connection)."""
+
+    def __init__(self, port: int, count: int, max_tokens: int = 400):
+        self.ends: dict[int, tuple[str, float]] = {}
+        self.replicas: dict[int, str] = {}
+        self.started = threading.Event()
+        self._threads = [threading.Thread(target=self._one, args=(port, i, max_tokens, count), daemon=True)
+                         for i in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _one(self, port: int, i: int, max_tokens: int, count: int) -> None:
+        import httpx
+
+        body = {"model": "tiny-llama", "prompt": f"stream {i} " * 8, "max_tokens": max_tokens, "stream": True,
+                "ignore_eos": True}
+        end = "broken"
+        try:
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
+                self.replicas[i] = r.headers["x-cacheopt-replica"]
+                for line in r.iter_lines():
+                    if len(self.replicas) == count:
+                        self.started.set()
+                    if line == "data: [DONE]":
+                        end = "done"
+                    elif line.startswith("data: ") and '"error"' in line:
+                        end = "error"
+        except httpx.HTTPError:
+            pass
+        self.ends[i] = (end, time.time())
+
+    def join(self, timeout_s: float) -> None:
+        for t in self._threads:
+            t.join(timeout_s)
+
+
+def wait_until_whole(timeout_s: float = 240) -> None:
+    deadline = time.time() + timeout_s
+    while (replica_states().count("RUNNING") < 2 or len(engine_processes()) != 2) and time.time() < deadline:
+        time.sleep(1.0)
+    assert replica_states().count("RUNNING") == 2 and len(engine_processes()) == 2
+
+
+def test_a_dead_engine_is_detected_routed_around_and_replaced(cluster):
+    """Kill one replica's engine core while streams run on both replicas: that replica's
+    streams end with an error event within 5 s (the others finish), Serve's health check
+    (every 2 s) fails, the replica is taken out of routing and replaced, and requests keep
+    succeeding meanwhile."""
     from cluster.server import HEALTH_CHECK_PERIOD_S
 
-    def replica_states() -> list[str]:
-        status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT]
-        return [state for state, count in status.replica_states.items() for _ in range(count)]
-
-    victim = engine_processes()[0]
+    streams = Streams(cluster["port"], count=6)
+    assert streams.started.wait(60) and len(set(streams.replicas.values())) == 2, streams.replicas
+    doomed = streams.replicas[0]
+    process, _ = replica_process(doomed)
+    (victim,) = [p for p in process.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
     victim.kill()
     killed = time.time()
     # Serve marks a replica unhealthy after three failed checks in a row (a fixed threshold), so
@@ -184,6 +250,13 @@ def test_a_dead_engine_is_detected_routed_around_and_replaced(cluster):
         time.sleep(0.2)
     detected_s = time.time() - killed
     assert replica_states().count("RUNNING") < 2 and detected_s < 3 * HEALTH_CHECK_PERIOD_S + 2.0, detected_s
+    streams.join(120)
+    affected = {i: streams.ends[i] for i, r in streams.replicas.items() if r == doomed}
+    others = {i: streams.ends[i] for i, r in streams.replicas.items() if r != doomed}
+    assert all(end == "error" for end, _ in affected.values()), affected
+    assert all(end == "done" for end, _ in others.values()), others
+    error_s = max(t for _, t in affected.values()) - killed
+    assert error_s < 5.0, error_s
     client = cluster["client"]
     outs = [client.completions.create(model="tiny-llama", prompt=f"still here {i}", max_tokens=4) for i in range(6)]
     assert all(o.usage.completion_tokens == 4 for o in outs)
@@ -199,11 +272,40 @@ def test_a_dead_engine_is_detected_routed_around_and_replaced(cluster):
         time.sleep(0.5)
     assert "degraded" in statuses, statuses
     # Serve starts a replacement (a new engine core warms up) and the deployment is whole again.
-    deadline = time.time() + 240
-    while replica_states().count("RUNNING") < 2 and time.time() < deadline:
-        time.sleep(1.0)
-    assert replica_states().count("RUNNING") == 2 and len(engine_processes()) == 2
-    print(f"dead engine detected after {detected_s:.1f} s, replaced after {time.time() - killed:.0f} s")
+    wait_until_whole()
+    print(f"dead engine: streams errored within {error_s:.1f} s, detected after {detected_s:.1f} s, "
+          f"replaced after {time.time() - killed:.0f} s")
+
+
+def test_a_killed_replica_ends_its_streams_and_leaves_no_engine_behind(cluster):
+    """Kill a replica's process (as a node failure or an OOM kill would) while it streams:
+    its streams end (an error event or a broken connection) within 5 s, the others finish,
+    its engine core does not outlive it, and Serve replaces it."""
+    import ray
+
+    streams = Streams(cluster["port"], count=6)
+    assert streams.started.wait(60), streams.replicas  # Serve's router may put all on one replica
+    doomed = streams.replicas[0]
+    process, name = replica_process(doomed)
+    engines = [p for p in process.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert len(engines) == 1
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    killed = time.time()
+    streams.join(120)
+    affected = {i: streams.ends[i] for i, r in streams.replicas.items() if r == doomed}
+    others = {i: streams.ends[i] for i, r in streams.replicas.items() if r != doomed}
+    assert all(end in ("error", "broken") for end, _ in affected.values()), affected
+    assert all(end == "done" for end, _ in others.values()), others
+    ended_s = max(t for _, t in affected.values()) - killed
+    assert ended_s < 5.0, ended_s
+    deadline = time.time() + 30  # the orphaned engine core notices its parent is gone and exits
+    while engines[0].is_running() and engines[0].status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.5)
+    orphan_s = time.time() - killed
+    assert not engines[0].is_running() or engines[0].status() == psutil.STATUS_ZOMBIE, "orphaned engine core"
+    wait_until_whole()
+    print(f"killed replica: streams ended within {ended_s:.1f} s, its engine core gone after {orphan_s:.1f} s, "
+          f"replaced after {time.time() - killed:.0f} s")
 
 
 def test_shutdown_stops_the_engines(cluster):

@@ -20,8 +20,16 @@ def test_cluster_yaml_passes_rays_schema(name):
     config = yaml.safe_load((DEPLOY / name).read_text())
     validate_config(prepare_config(copy.deepcopy(config)))
     # Ray's GCS must not take Redis's port.
-    head = " ".join(config["head_start_ray_commands"])
-    assert "--port=6380" in head and "6379" not in head
+    head = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
+    assert "--port=6380" in head and "--port=6379" not in head
+    # Every node authenticates with Ray's token; the dashboard stays on the head's loopback;
+    # the secrets come from the operator's ~/.cacheopt, and Redis requires its password.
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in starts)
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "CACHEOPT_API_KEY=" in head and "CACHEOPT_REDIS_URL=redis://:" in head
+    assert "~/.cacheopt" in config["file_mounts"].values()
+    assert any("requirepass" in c for c in config["head_setup_commands"])
 
 
 def test_rays_schema_does_reject_a_broken_yaml():
@@ -31,13 +39,17 @@ def test_rays_schema_does_reject_a_broken_yaml():
         validate_config(prepare_config(config))
 
 
-def test_serve_config_is_valid_and_builds_a_cluster_config():
+def test_serve_config_is_valid_and_takes_its_secrets_from_the_environment(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.config import ClusterConfig
+    from cluster.config import ClusterConfig, secrets_from_environment
 
     schema = ServeDeploySchema.model_validate(yaml.safe_load((DEPLOY / "serve-config.yaml").read_text()))
     (app,) = schema.applications
     assert app.import_path == "cluster.app:build_app"
-    config = ClusterConfig.model_validate(app.args["config_dict"])
-    assert config.engine.random_weights is False and config.redis_url.startswith("redis://")
+    assert "api_keys" not in app.args["config_dict"] and "redis_url" not in app.args["config_dict"]
+    monkeypatch.setenv("CACHEOPT_API_KEY", "k1,k2")
+    monkeypatch.setenv("CACHEOPT_REDIS_URL", "redis://:pw@127.0.0.1:6379/0")
+    config = ClusterConfig.model_validate(secrets_from_environment(app.args["config_dict"]))  # as build_app does
+    assert config.engine.random_weights is False and config.api_keys == ("k1", "k2")
+    assert config.redis_url == "redis://:pw@127.0.0.1:6379/0"

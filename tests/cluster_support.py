@@ -1,0 +1,68 @@
+"""What the cluster tests share: a redis-server of a test's own on a free loopback port
+(never the machine's 6379), optionally with a password, killed and restarted by the fault
+tests; free ports; waiting for a condition."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, *, password: str | None = None, start: bool = True):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+        self.port = free_port()
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        import redis
+
+        client = self.client()
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, password=self.password)
+
+
+def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.1):
+    """The predicate's first truthy value within the timeout, else its last value."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step_s)
+    return predicate()
