@@ -6,13 +6,15 @@ Poisson arrivals of streamed completions (random prompt token ids and output len
 half after a few chunks) and `slow_share` read slowly (a pause between chunks). Every
 `rss_period_s` the resident memory of the replica processes and their engine processes
 is sampled. At the end, once the cluster is idle, /metrics must show nothing in flight,
-every KV block free, as many engine aborts as requests the servers saw cancelled, and
-every request the servers received in exactly one outcome.
+every KV block free, every request the servers received in exactly one outcome, and each
+engine abort matched by a request the servers saw cancelled (a cancellation without an
+abort is a client that left after the engine had finished: nothing was left to abort).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -71,6 +73,7 @@ async def soak(target: Target, spec: SoakSpec, *, on_request: Callable[[], None]
     rng = random.Random(spec.seed)
     outcomes: Counter[str] = Counter()
     ttfts: list[float] = []  # of the clients that read normally (not slow, not leaving)
+    error_samples: list[str] = []
     rss_samples: list[tuple[float, int]] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=target.url, timeout=600, limits=limits, headers=target.headers) as client:
@@ -102,8 +105,10 @@ async def soak(target: Target, spec: SoakSpec, *, on_request: Callable[[], None]
                         if line == "data: [DONE]":
                             outcomes["completed"] += 1
                             return
-                        if '"error"' in line:
-                            outcomes["error event"] += 1
+                        if "error" in json.loads(line[6:]):  # an error event, not a chunk whose text says "error"
+                            outcomes[f"error event ({kind})"] += 1
+                            if len(error_samples) < 5:
+                                error_samples.append(line[:300])
                             return
                     outcomes["ended without [DONE]"] += 1
             except asyncio.CancelledError:
@@ -171,11 +176,14 @@ async def soak(target: Target, spec: SoakSpec, *, on_request: Callable[[], None]
     warm = [b for t, b in rss_samples if t >= 0.1 * spec.duration_s] or [b for _, b in rss_samples]
     return {
         "spec": asdict(spec), "loaded_s": round(loaded_s, 1), "sent": len(tasks), "client_kinds": dict(kinds),
-        "client_outcomes": dict(outcomes),
+        "client_outcomes": dict(outcomes), "error_samples": error_samples,
         "ttft_s": {"p50": quantile(0.5), "p99": quantile(0.99), "max": ttfts[-1] if ttfts else None},
         "server": {"received": received, **answered, "engine_aborts": delta("cacheopt_engine_aborts_total")},
         "books_balance": received == sum(answered.values()),
+        # Every abort is a cancellation; a cancellation without an abort is a client that left
+        # after the engine had finished (its last outputs still on their way): no engine work leaked.
         "aborts_match_cancellations": delta("cacheopt_engine_aborts_total") == answered["cancelled"],
+        "cancelled_after_the_engine_finished": answered["cancelled"] - delta("cacheopt_engine_aborts_total"),
         "idle": {"in_flight": after.get("cacheopt_requests_in_flight"),
                  "running": after.get("vllm:num_requests_running"), "waiting": after.get("vllm:num_requests_waiting"),
                  "kv_usage": after.get("vllm:kv_cache_usage_perc")},

@@ -12,7 +12,7 @@ import logging
 
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, ConfigError
 from cluster.router import ROUTING_STATS_PERIOD_S, KVHeadroomRouter
 from cluster.server import LLMServer
 from global_scheduler.store import RedisStore
@@ -40,6 +40,8 @@ def build_app(args: dict | None = None):
     args = dict(args or {})
     config = (ClusterConfig.model_validate(secrets_from_environment(args["config_dict"])) if "config_dict" in args
               else load_config(args.get("config")))
+    if config.require_api_keys and not config.api_keys:
+        raise ConfigError("require_api_keys is set but no API key is configured: set api_keys or $CACHEOPT_API_KEY")
     if not config.api_keys and config.host not in LOOPBACK:
         log.warning("serving without API keys: anyone who reaches the port can use the cluster "
                     "(set api_keys or $CACHEOPT_API_KEY)")

@@ -68,6 +68,9 @@ class ClusterConfig(_Strict):
     # an upstream output-length prediction in vllm_xargs (cluster.openai_api.TRUSTED_CLIENT_XARGS).
     trusted_api_keys: tuple[str, ...] = ()
     metrics_require_key: bool = False
+    # Refuse to deploy without API keys (deploy/serve-config.yaml sets it: its proxy listens
+    # on every interface, and a missing $CACHEOPT_API_KEY must not leave the cluster open).
+    require_api_keys: bool = False
     # A larger body gets 413 before it is read (a prompt of 128k tokens is about 0.5 MiB).
     max_request_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     engine: EngineConfig = EngineConfig()

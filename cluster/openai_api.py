@@ -2,14 +2,16 @@
 detokenization of a serving replica's HTTP front.
 
 A subset of OpenAI's `/v1/completions` and `/v1/chat/completions`: what a serving
-benchmark and the `openai` client send. Sampling fields are accepted as OpenAI defines
-them; CacheOPT reads one extension, `slo` (an SLO class name), and vLLM's `vllm_xargs`
-passes through. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+benchmark and the `openai` client send. Every field is either honoured (sampling as vLLM
+applies it, `stop` here) or refused with 400, never silently ignored; CacheOPT reads one
+extension, `slo` (an SLO class name), and vLLM's `vllm_xargs` pass through except
+CacheOPT's own keys. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -50,13 +52,12 @@ MAX_STOP_CHARS = 256
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's extension: accepted, usage comes at the end only
 
 
 class _Request(BaseModel):
     """The fields this server honours; any other field is refused (400), so nothing a
     client asks for is silently ignored. Fields OpenAI defines that this server cannot
-    honour are declared only to be refused by name when set (`_refuse_unsupported`)."""
+    honour are declared only to be refused by name when set (`_UNSUPPORTED_DEFAULTS`)."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(max_length=256)
@@ -73,7 +74,7 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's extension
     top_k: int | None = Field(None, ge=-1, le=1_000_000)  # vLLM's extension (0 or -1: off)
     min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension
-    user: str | None = Field(None, max_length=512)  # OpenAI's end-user id: metadata only
+    user: str | None = Field(None, max_length=512)  # OpenAI's end-user id: metadata, nothing to honour
     slo: str | None = None  # CacheOPT: the request's SLO class
     ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens whatever the model says
     vllm_xargs: dict[str, str | int | float | bool] | None = None
@@ -153,6 +154,7 @@ class ChatRequest(_Request):
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # any surrogate escape: paired ones pass the check
 
 
 def parse_body(raw: bytes, model_cls: type[_Request], *, trusted: bool = False) -> _Request:
@@ -166,6 +168,11 @@ def parse_body(raw: bytes, model_cls: type[_Request], *, trusted: bool = False) 
         raise ApiError(400, f"request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
+    if _LONE_SURROGATE_ESCAPE.search(raw):  # JSON allows "\ud800"; no tokenizer or UTF-8 response does
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "request body contains a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
     try:
         request = model_cls.model_validate(data, context={"trusted": trusted})
     except ValidationError as error:
@@ -225,10 +232,10 @@ class PromptRenderer:
         messages = []
         for i, m in enumerate(request.messages):
             text = m.text()
-            if forged := next((t for t in self.special_tokens if t in text), None):
+            if forged := next((t for t in self.special_tokens if t in text or t in (m.name or "")), None):
                 raise ApiError(400, f"messages[{i}] contains the reserved token {forged!r}",
                                param=f"messages.{i}.content")
-            messages.append({"role": m.role, "content": text})
+            messages.append({"role": m.role, "content": text, **({"name": m.name} if m.name else {})})
         try:
             prompt = self._template.render(messages=messages, add_generation_prompt=True, **self._template_vars)
         except Exception as error:  # noqa: BLE001 (a template may raise on what it does not accept)

@@ -317,14 +317,15 @@ class LLMServer:
 
     def _authorize(self, http: Request) -> bool:
         """vLLM's --api-key convention with OpenAI's error body: 401 unless the request
-        carries `Authorization: Bearer <key>` with one of the configured keys (none
-        configured: open). Returns whether the key is a trusted one."""
+        carries `Authorization: Bearer <key>` with one of the configured keys, API or
+        trusted (none configured: open). Returns whether the key is a trusted one."""
+        if not (self._api_keys or self._trusted_keys):
+            return False
         scheme, _, token = http.headers.get("authorization", "").partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
         # Every key compared in constant time: the answer's timing says nothing about them.
-        trusted = bool(given) and bool(sum(hmac.compare_digest(given, key) for key in self._trusted_keys))
-        if trusted or not self._api_keys:
-            return trusted
+        if given and sum(hmac.compare_digest(given, key) for key in self._trusted_keys):
+            return True
         if not given:
             raise ApiError(401, "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -357,12 +358,18 @@ class LLMServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @api.get("/v1/models")
-    async def models(self, http: Request):
+    def _key_refused(self, http: Request) -> JSONResponse | None:
+        """For the GET endpoints: the 401 to answer, or None."""
         try:
             self._authorize(http)
         except ApiError as error:
             return error.response()
+        return None
+
+    @api.get("/v1/models")
+    async def models(self, http: Request):
+        if (refused := self._key_refused(http)) is not None:
+            return refused
         e = self.config.engine
         return {"object": "list", "data": [{
             "id": e.served_model_name, "object": "model", "created": 0, "owned_by": "cacheopt",
@@ -371,11 +378,8 @@ class LLMServer:
 
     @api.get("/metrics")
     async def metrics(self, http: Request):
-        if self.config.metrics_require_key:
-            try:
-                self._authorize(http)
-            except ApiError as error:
-                return error.response()
+        if self.config.metrics_require_key and (refused := self._key_refused(http)) is not None:
+            return refused
         mine = {"metrics": self._metrics_dict(), "snapshot": self._snapshot_dict()}
         state = await self._scheduler_state()
         if state is not None:
@@ -449,6 +453,11 @@ class LLMServer:
         except asyncio.CancelledError:  # left while the body was read or parsed (Serve cancels the handler)
             self.metrics.left_early += 1
             raise
+        except Exception as error:  # noqa: BLE001 (a bug of ours, never a stack trace to the client, never uncounted)
+            log.exception("replica %s: reading a request failed", self.replica_id)
+            self.metrics.failed += 1
+            return ApiError(500, f"the server failed to read the request ({type(error).__name__})",
+                            type_="server_error").response()
         finally:
             self.preparing -= 1
         self.arrivals.append(arrival)  # what the engines are asked to serve: refused requests tune nothing
@@ -555,7 +564,9 @@ class LLMServer:
 
     async def _close_stream(self, stream, state: _Progress, *, cancelled: bool) -> None:
         # A client that leaves once every token was generated cost the engine nothing more:
-        # the request is finished there, not aborted, and it counts as finished.
+        # nothing is aborted there, and the request counts as finished. (One that leaves
+        # after the engine finished at EOS, or before it read outputs the engine had already
+        # queued, still counts as cancelled though the engine's abort finds nothing.)
         cancelled = cancelled and state.tokens < state.max_tokens
         try:
             await stream.aclose()  # a no-op when it ended; aborts the request in the engine when it did not
@@ -571,11 +582,11 @@ class LLMServer:
         self.metrics.rejected += 1
         self.metrics.shed += 1
         self._close(state)
-        body = ApiError(429, "the server could not start this request in time; retry later",
-                        type_="server_overloaded").body()
-        return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+        return ApiError(429, "the server could not start this request in time; retry later",
+                        type_="server_overloaded", headers={"Retry-After": "1"}).response()
 
     def _record_failure(self, state: _Progress, error: Exception) -> None:
+        log.warning("replica %s: request %s failed after %d tokens: %r", self.replica_id, state.rid, state.tokens, error)
         self.failures.append(time.time())
         self.metrics.failed += 1
         state.span.record_exception(error)
@@ -583,8 +594,8 @@ class LLMServer:
 
     def _failed(self, state: _Progress, error: Exception) -> JSONResponse:
         self._record_failure(state, error)
-        body = ApiError(503, f"the engine failed: {type(error).__name__}; retry", type_="server_error").body()
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+        return ApiError(503, f"the engine failed: {type(error).__name__}; retry", type_="server_error",
+                        headers={"Retry-After": "1"}).response()
 
     def _done(self, state: _Progress, cancelled: bool = False) -> None:
         if state.closed:

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-reports/reliability}
 STEPS=${STEPS:-1 2 3}
-RATES=${RATES:-4 8 12}
+RATES=${RATES:-12 18 24 30}
 SOAK_S=${SOAK_S:-1200}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"

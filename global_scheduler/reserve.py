@@ -51,4 +51,5 @@ def freshest_lease(held: Lease | None, offered: Iterable[Lease | None], now: flo
     the one it holds and those just offered (Redis, the scheduler's reply). An older split
     never replaces a newer one; with all expired the replica holds none."""
     valid = [lease for lease in (held, *offered) if lease is not None and lease.expires_s > now]
-    return max(valid, key=lambda lease: lease.epoch, default=None)
+    # On equal epochs the later expiry: a renewal of the same split extends it.
+    return max(valid, key=lambda lease: (lease.epoch, lease.expires_s), default=None)

@@ -1,6 +1,6 @@
 """What the cluster tests share: a redis-server of a test's own on a free loopback port
 (never the machine's 6379), optionally with a password, killed and restarted by the fault
-tests; free ports; waiting for a condition."""
+tests; free ports; waiting for a condition; the global scheduler's view of the replicas."""
 
 from __future__ import annotations
 
@@ -66,3 +66,30 @@ def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.1):
             return value
         time.sleep(step_s)
     return predicate()
+
+
+def scheduler_state() -> dict:
+    """The global scheduler's state (every replica's last report, leases, p)."""
+    import ray
+
+    from global_scheduler.actor import GLOBAL_SCHEDULER, NAMESPACE
+
+    return ray.get(ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE).state.remote())
+
+
+def replica_snapshots() -> dict[str, dict]:
+    """Each live replica's KV snapshot as it last reported it (at most 0.5 s old)."""
+    return {name: r["snapshot"] for name, r in scheduler_state()["replicas"].items() if r["snapshot"]}
+
+
+def wait_until_idle(replica: str, *, timeout_s: float) -> dict:
+    """`replica`'s snapshot once nothing runs or waits there (or at the timeout), taken
+    after this call."""
+    since = time.time()
+    deadline = since + timeout_s
+    while True:
+        snap = replica_snapshots().get(replica)
+        if (snap and snap["taken_s"] > since and snap["num_running"] == 0 and snap["num_waiting"] == 0) \
+                or time.time() >= deadline:
+            return snap
+        time.sleep(0.1)

@@ -137,6 +137,7 @@ def test_a_lease_is_held_until_it_expires_and_never_replaced_by_an_older_split()
     assert freshest_lease(held, [Lease(3, 6, 120.0)], now=100.0).blocks == 3  # a newer one wins
     assert freshest_lease(held, [None], now=111.0) is None  # expired, nothing fresher: no lease
     assert freshest_lease(held, [Lease(3, 4, 120.0)], now=111.0).blocks == 3  # the only valid one
+    assert freshest_lease(held, [Lease(8, 5, 130.0)], now=100.0).expires_s == 130.0  # a renewal extends it
 
 
 def test_api_keys_come_from_flags_or_the_environment(monkeypatch):
@@ -245,3 +246,21 @@ def test_streamed_text_keeps_characters_split_over_tokens_whole():
         decoder = renderer.stream_decoder()
         pieces = [decoder.step(ids[i:i + step]) for i in range(0, len(ids), step)]
         assert "".join(pieces) == renderer.decode(ids) and not any("\ufffd" in p for p in pieces)
+
+
+def test_snapshot_directories_of_dead_replicas_are_removed(tmp_path):
+    import os
+    import subprocess
+
+    from replicas.engines.vllm import SNAPSHOT_DIR_PREFIX, remove_orphaned_dirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mine = tmp_path / f"{SNAPSHOT_DIR_PREFIX}{os.getpid()}-abc"
+    dead = tmp_path / f"{SNAPSHOT_DIR_PREFIX}{gone.pid}-xyz"
+    other = tmp_path / "unrelated-1"
+    for d in (mine, dead, other):
+        d.mkdir()
+        (d / "kv-snapshot.json").write_text("{}")
+    assert remove_orphaned_dirs(str(tmp_path)) == [str(dead)]
+    assert mine.exists() and other.exists() and not dead.exists()

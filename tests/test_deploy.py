@@ -53,3 +53,11 @@ def test_serve_config_is_valid_and_takes_its_secrets_from_the_environment(monkey
     config = ClusterConfig.model_validate(secrets_from_environment(app.args["config_dict"]))  # as build_app does
     assert config.engine.random_weights is False and config.api_keys == ("k1", "k2")
     assert config.redis_url == "redis://:pw@127.0.0.1:6379/0"
+    # Without the key in the environment the deploy fails rather than serve every interface openly.
+    from cluster.app import build_app
+    from cluster.config import ConfigError
+
+    monkeypatch.delenv("CACHEOPT_API_KEY")
+    monkeypatch.delenv("CACHEOPT_REDIS_URL")
+    with pytest.raises(ConfigError, match="require_api_keys"):
+        build_app({"config_dict": app.args["config_dict"]})

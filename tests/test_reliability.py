@@ -22,7 +22,14 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 hypothesis = pytest.importorskip("hypothesis")
 
-from cluster_support import RedisServer, free_port, wait_for  # noqa: E402
+from cluster_support import (  # noqa: E402
+    RedisServer,
+    free_port,
+    replica_snapshots,
+    scheduler_state,
+    wait_for,
+    wait_until_idle,
+)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -31,6 +38,7 @@ from cluster.config import load_config  # noqa: E402
 pytestmark = pytest.mark.integration
 MODEL = "tiny-llama"
 KEYS = ("key-one", "key-two")
+TRUSTED_KEY = "gateway"  # may forward output-length predictions
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 REDIS_PASSWORD = "s3cret pass"  # a space: the URL must carry it escaped
 FAULTS_REPORT = Path(__file__).resolve().parents[1] / "reports" / "reliability" / "faults.json"
@@ -48,7 +56,8 @@ def secured():
     redis_server = RedisServer(password=REDIS_PASSWORD, start=False)  # down at start
     redis_server.url = f"redis://:{quote(REDIS_PASSWORD)}@127.0.0.1:{redis_server.port}/0"
     port = free_port()
-    config = load_config(port=port, redis_url=redis_server.url, api_keys=list(KEYS), metrics_require_key=True,
+    config = load_config(port=port, redis_url=redis_server.url, api_keys=list(KEYS), trusted_api_keys=[TRUSTED_KEY],
+                         metrics_require_key=True,
                          max_queued_requests=64, engine={"kind": "sim", "kv_blocks": 256, "max_model_len": 1024})
     ray.init(namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -62,12 +71,6 @@ def secured():
     redis_server.kill()
     FAULTS_REPORT.parent.mkdir(parents=True, exist_ok=True)
     FAULTS_REPORT.write_text(json.dumps(faults, indent=1))
-
-
-def scheduler_state() -> dict:
-    from global_scheduler.actor import GLOBAL_SCHEDULER, NAMESPACE
-
-    return ray.get(ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE).state.remote())
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -92,6 +95,65 @@ def test_aa_serving_starts_with_redis_down_and_coordination_follows_it_up(secure
     secured["faults"]["redis down at start: seconds until leases and snapshots are in Redis"] = round(
         time.time() - started, 2)
     secured["faults"]["report period s"] = REPORT_PERIOD_S
+
+
+def test_redis_takes_acl_users_and_a_wrong_password_fails_the_deploy_clearly():
+    from cluster.app import build_app
+    from global_scheduler.store import RedisStore, StoreConfigError, StoreUnavailable
+
+    server = RedisServer(password="admin-pw")
+    try:
+        server.client().execute_command("ACL", "SETUSER", "cacheopt", "on", ">user-pw", "~cacheopt:*", "+@all")
+        url = f"redis://cacheopt:user-pw@127.0.0.1:{server.port}/0"
+        store = RedisStore(url)
+        store.check()
+        store.publish_snapshot("r", {"a": 1})
+        assert store.snapshots(["r"]) == {"r": {"a": 1}}
+        for bad in (f"redis://cacheopt:wrong@127.0.0.1:{server.port}/0", f"redis://127.0.0.1:{server.port}/0"):
+            with pytest.raises(StoreConfigError, match="refused the credentials") as caught:
+                RedisStore(bad).check()
+            assert "wrong" not in str(caught.value)  # the password never reaches a log line
+            with pytest.raises(StoreConfigError, match="refused the credentials"):
+                build_app({"config_dict": load_config(redis_url=bad, engine={"kind": "sim"}).model_dump()})
+        # A key outside the user's ACL: refused (NOPERM), counted, survived.
+        with pytest.raises(StoreUnavailable):
+            store._call(store._redis.set, "elsewhere", 1)
+        assert store.errors["NoPermissionError"] == 1
+    finally:
+        server.kill()
+
+
+def test_redis_over_tls_with_a_password(tmp_path):
+    """`rediss://` with the CA as redis-py's URL option, against a redis-server with TLS
+    only (no plain port) and a password."""
+    import subprocess
+
+    from global_scheduler.store import RedisStore
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file", cert,
+                               "--tls-key-file", key, "--tls-ca-cert-file", cert, "--tls-auth-clients", "no",
+                               "--requirepass", "tls-pw", "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL)
+    try:
+        store = RedisStore(f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_ca_certs={cert}")
+
+        def answers() -> bool:
+            try:
+                return store._redis.ping()
+            except Exception:  # noqa: BLE001 (not listening yet)
+                return server.poll() is not None  # or it died: fail below, not here
+        assert wait_for(answers, timeout_s=10) and server.poll() is None
+        store.check()
+        store.publish_snapshot("r", {"tls": True})
+        assert store.snapshots(["r"]) == {"r": {"tls": True}}
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_keys_are_required_where_configured(secured):
@@ -139,7 +201,7 @@ def test_large_bodies_are_refused_while_streams_go_on(secured):
                                       body_limit=secured["config"].max_request_body_bytes, duration_s=3))
     assert result["statuses"] == {"10 MB announced": [413], "10 MB chunked": [413], "prompt near the limit": [400],
                                   "ordinary stream": [200]}
-    assert result["loop_lag_p99_ms"] >= 0  # measured (the figure is `cacheopt hostile`'s, not a test's)
+    # The event-loop lag is a figure (`cacheopt hostile`, docs/RESULTS.md 6), not a timed assertion here.
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
@@ -209,6 +271,37 @@ def test_clients_cannot_set_the_reserve_and_no_replica_exceeds_its_lease(secured
         snaps = {name: r["snapshot"] for name, r in state["replicas"].items() if r["snapshot"]}
         return len(snaps) == 2 and all(s["reserve_target_blocks"] <= state["leases"][name] for name, s in snaps.items())
     assert wait_for(within_leases, timeout_s=5)
+
+
+def test_a_request_that_cannot_start_in_time_gets_429_and_leaves_nothing(secured):
+    """Realtime requests (TTFT 1 s) queued behind long ones are shed by the replicas'
+    policy after twice their TTFT, streamed or not: 429 with Retry-After, never a 200 that
+    ends in an error; the served ones complete; the replicas end with nothing queued. Each
+    is predicted to write 900 tokens (a prediction only a trusted client may forward), so
+    about eight fit a replica's 256 blocks at once and each takes seconds."""
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            def body(i):
+                return {"model": MODEL, "prompt": "x " * 50, "max_tokens": 900, "slo": "realtime",
+                        "stream": bool(i % 2), "ignore_eos": True,
+                        "vllm_xargs": {"cacheopt_point_tokens": 900, "cacheopt_bound_tokens": 900}}
+            return await asyncio.gather(*(client.post(f"{secured['base']}/v1/completions", json=body(i),
+                                                      headers={"Authorization": f"Bearer {TRUSTED_KEY}"})
+                                          for i in range(40)))
+    responses = asyncio.run(burst())
+    shed = [r for r in responses if r.status_code == 429 and "in time" in r.json()["error"]["message"]]
+    assert shed and all(r.headers["retry-after"] == "1" for r in shed)
+    assert {r.status_code for r in responses} <= {200, 429} and any(r.status_code == 200 for r in responses)
+    metrics = httpx.get(f"{secured['base']}/metrics", headers=AUTH).text
+    assert any(line.startswith("cacheopt_requests_shed_total") and float(line.split()[-1]) >= len(shed)
+               for line in metrics.splitlines())
+    replicas = sorted(replica_snapshots())
+    assert len(replicas) == 2
+    for replica in replicas:
+        snap = wait_until_idle(replica, timeout_s=20)
+        assert snap["num_waiting"] == 0 and snap["num_running"] == 0
+        assert snap["free_blocks"] + snap["reserve_free_blocks"] == snap["total_blocks"]
+    assert sum(s["counters"].get("shed", 0) for s in replica_snapshots().values()) >= len(shed)
 
 
 async def _steady_load(base: str, seconds: float, rate: float = 10.0) -> list[int]:
@@ -296,8 +389,10 @@ def test_zz_a_short_soak_leaves_the_books_balanced_and_nothing_behind(secured):
                     rss_period_s=2.0)
     result = asyncio.run(soak(Target(secured["base"], MODEL, True, AUTH), spec))
     server, idle = result["server"], result["idle"]
-    assert result["books_balance"] and result["aborts_match_cancellations"], json.dumps(
-        {"server": server, "client": result["client_outcomes"], "idle": idle})
+    # Books exact; every engine abort is a cancellation (a client can leave after the engine
+    # finished, which aborts nothing: see bench/soak.py), and nothing is left in any engine.
+    assert result["books_balance"] and 0 <= result["cancelled_after_the_engine_finished"] <= server["cancelled"], \
+        json.dumps({"server": server, "client": result["client_outcomes"], "idle": idle})
     assert idle == {"in_flight": 0, "running": 0, "waiting": 0, "kv_usage": 0}, result
     assert server["failed"] == 0 and server["cancelled"] > 0 and server["finished"] > 0, result
     assert sum(result["client_outcomes"].values()) == result["sent"], result

@@ -36,6 +36,26 @@ ENGINE_ENVIRONMENT = {
 }
 
 
+SNAPSHOT_DIR_PREFIX = "cacheopt-replica-"  # then the owning process's pid
+
+
+def remove_orphaned_dirs(temp_root: str | None = None) -> list[str]:
+    """Remove the snapshot directories of replica processes that are gone (a killed
+    replica cannot clean up after itself); returns what was removed."""
+    import shutil
+
+    import psutil
+
+    root = Path(temp_root or tempfile.gettempdir())
+    removed = []
+    for path in root.glob(f"{SNAPSHOT_DIR_PREFIX}*-*"):
+        pid = path.name[len(SNAPSHOT_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
 def set_engine_environment() -> None:
     """Defaults only: a value the operator exported wins."""
     for key, value in ENGINE_ENVIRONMENT.items():
@@ -66,7 +86,8 @@ class VllmServingEngine:
     def __init__(self, config: EngineConfig, settings: EngineSettings):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
         set_engine_environment()
-        self._dir = tempfile.TemporaryDirectory(prefix="cacheopt-replica-")
+        remove_orphaned_dirs()
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{SNAPSHOT_DIR_PREFIX}{os.getpid()}-")
         self._snapshot_path = Path(self._dir.name) / "kv-snapshot.json"
         settings = dataclasses.replace(settings, snapshot_path=str(self._snapshot_path))
         self.engine = start_async_engine(config, ADAPTER_CLS, settings)
