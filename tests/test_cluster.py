@@ -13,11 +13,9 @@ import json
 import time
 
 import httpx
+import openai
 import pytest
-
-ray = pytest.importorskip("ray")
-openai = pytest.importorskip("openai")
-
+import ray
 from cluster_support import RedisServer, free_port, replica_snapshots, scheduler_state, wait_for, wait_until_idle  # noqa: E402
 from otlp_sink import SpanSink  # noqa: E402
 

@@ -16,12 +16,9 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
-
-ray = pytest.importorskip("ray")
-openai = pytest.importorskip("openai")
-hypothesis = pytest.importorskip("hypothesis")
-
+import ray
 from cluster_support import (  # noqa: E402
     RedisServer,
     free_port,

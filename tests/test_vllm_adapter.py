@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
+import vllm
 
 from replicas.engine_settings import EngineSettings
 from replicas.request import Request
 from replicas.scheduler import build_scheduler
 
 pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm")
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
 KV_BLOCKS = 40

@@ -14,11 +14,11 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+import vllm  # noqa: F401 (a missing vLLM fails collection, never skips)
 
 from replicas.engine_settings import EngineSettings
 
 pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm")
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
 BLOCK = 32
