@@ -73,7 +73,12 @@ def cluster():
             time.sleep(0.2)
     poller = threading.Thread(target=poll_health, daemon=True)
     poller.start()
-    url = deploy(config)
+    try:
+        url = deploy(config, ready_timeout_s=300)
+    except BaseException:
+        stop.set()
+        shutdown()  # a cluster that never became ready must not outlive this module
+        raise
     ready_s = time.time() - started
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     first_stream = client.completions.create(model="tiny-llama", prompt="first", max_tokens=2, stream=True)
