@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -71,8 +70,9 @@ def secured():
 
 
 def metrics(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", headers=AUTH).text
-    return {name: float(value) for name, value in re.findall(r"^([a-z_:]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+    from bench.soak import read_metrics
+
+    return read_metrics(httpx.get(f"{base}/metrics", headers=AUTH).text)
 
 
 def test_aa_serving_starts_with_redis_down_and_coordination_follows_it_up(secured):
