@@ -35,7 +35,6 @@ from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
 from bench.traces import NAMED_TRACES, TraceRequest, load_trace, scale_to_rate, scale_tokens, split_train_test
 from predictor.length_quantile import LengthQuantilePredictor
-from replicas.config import SchedulerConfig
 from replicas.engine_settings import EngineSettings
 from replicas.latency import get_latency_model
 from replicas.policies import SIMULATOR_ONLY, check_policy_names
@@ -108,12 +107,8 @@ def settings_for(policy: str, predictor_path: Path, classes: dict, step_log: Pat
 
 
 def sim_setup(spec: EngineBenchSpec) -> SimSetup:
-    e = spec.engine
-    return SimSetup(latency_model=LATENCY_MODEL, policy_latency_model=LATENCY_MODEL, kv_blocks=e.kv_blocks - 1,
-                    max_model_len=e.max_model_len,
-                    max_tokens=spec.max_tokens, can_swap=False, prefix_caching=e.prefix_caching,
-                    scheduler=SchedulerConfig(block_size=e.block_size, max_num_seqs=e.max_num_seqs,
-                                              max_num_batched_tokens=e.max_num_batched_tokens))
+    return SimSetup(engine=spec.engine.with_(latency_model=LATENCY_MODEL), policy_latency_model=LATENCY_MODEL,
+                    max_tokens=spec.max_tokens, can_swap=False)
 
 
 def run_engine_bench(spec: EngineBenchSpec, out_dir: Path, *,

@@ -16,7 +16,8 @@ from bench.metrics import RequestOutcome, RunStats
 from bench.traces import TraceRequest
 from global_scheduler.confidence import ConfidenceController
 from predictor.base import OutputLengthPredictor
-from replicas.config import CacheOptConfig, SchedulerConfig
+from replicas.config import CacheOptConfig
+from replicas.engines.config import LLAMA3_8B_H100, EngineConfig
 from replicas.kv_blocks import SimBlockPool
 from replicas.latency import get_latency_model
 from replicas.policies import make_policy
@@ -29,37 +30,26 @@ ARRIVAL, STEP_END = 0, 1  # event-kind priority at equal times
 
 @dataclass(frozen=True)
 class SimSetup:
-    """One simulated replica. `kv_blocks=None` sizes the KV cache from GPU memory."""
+    """One simulated replica: the engine it models (the same `EngineConfig` a serving
+    replica and the engine benchmark start vLLM with; `kv_blocks` counts vLLM's null block,
+    None sizes the cache from the latency model's GPU memory) and how the simulation runs."""
 
-    latency_model: str = "llama3-8b-h100"
+    engine: EngineConfig = LLAMA3_8B_H100
     # The cost model the policy plans with (step budget, swap or recompute); None: the
     # engine's own. The engine bench sets it to what the real engine's policies use.
     policy_latency_model: str | None = None
-    kv_blocks: int | None = None
-    max_model_len: int = 8192  # Llama-3-8B's context
     max_tokens: int = 1024  # per-request output cap (the Azure conv trace's longest output is 1000)
     host_swap_blocks: int | None = None  # None: as many as the GPU has
     can_swap: bool = True  # False: an engine that only recomputes (vLLM V1)
-    # vLLM's default: prompts hit cached blocks of a shared prefix (the trace's hash_ids)
-    # and a recomputed request its own blocks while they stay cached (replicas/kv_blocks.py).
-    prefix_caching: bool = True
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cacheopt: CacheOptConfig = field(default_factory=CacheOptConfig)
     check_invariants: bool = False  # ledger.check_invariants() after every step (tests)
 
     def __post_init__(self) -> None:
-        if self.kv_blocks is not None and self.kv_blocks * self.scheduler.block_size < self.max_model_len:
-            raise ValueError(
-                f"kv_blocks={self.kv_blocks} x block_size={self.scheduler.block_size} = "
-                f"{self.kv_blocks * self.scheduler.block_size} tokens cannot hold one request of "
-                f"max_model_len={self.max_model_len} tokens")
-        if self.max_tokens < 1 or self.max_tokens >= self.max_model_len:
-            raise ValueError(f"max_tokens={self.max_tokens} must lie in [1, max_model_len={self.max_model_len})")
+        if self.max_tokens < 1 or self.max_tokens >= self.engine.max_model_len:
+            raise ValueError(f"max_tokens={self.max_tokens} must lie in [1, max_model_len={self.engine.max_model_len})")
 
     def total_blocks(self) -> int:
-        if self.kv_blocks is not None:
-            return self.kv_blocks
-        return get_latency_model(self.latency_model).kv_capacity_blocks(self.scheduler.block_size)
+        return self.engine.usable_kv_blocks()
 
 
 @dataclass
@@ -73,7 +63,7 @@ class SimResult:
 
 
 def fits_context(item: TraceRequest, setup: SimSetup) -> bool:
-    return item.prompt_tokens + min(item.output_tokens, setup.max_tokens) <= setup.max_model_len
+    return item.prompt_tokens + min(item.output_tokens, setup.max_tokens) <= setup.engine.max_model_len
 
 
 def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
@@ -83,25 +73,26 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
     hears every arrival and finish and sets the policy's confidence p (policies with a p).
     `seed` draws the engine's stalls, for a latency model that has them."""
     started = time.perf_counter()
-    latency = get_latency_model(setup.latency_model)
-    block_size = setup.scheduler.block_size
+    e = setup.engine
+    latency = get_latency_model(e.latency_model)
+    block_size = e.block_size
     total_blocks = setup.total_blocks()
     costs = latency if setup.policy_latency_model is None else get_latency_model(setup.policy_latency_model)
     policy = make_policy(policy_name, predictor=predictor, costs=costs, cacheopt_config=setup.cacheopt)
     engine = SimEngine(latency, block_size, rng=random.Random(seed))
     swap_blocks = total_blocks if setup.host_swap_blocks is None else setup.host_swap_blocks
-    pool = SimBlockPool(total_blocks, block_size) if setup.prefix_caching else None
-    scheduler = build_scheduler(policy, total_blocks=total_blocks, config=setup.scheduler,
+    pool = SimBlockPool(total_blocks, block_size) if e.prefix_caching else None
+    scheduler = build_scheduler(policy, total_blocks=total_blocks, config=e.scheduler_config(),
                                 can_swap=engine.can_swap and setup.can_swap, host_swap_blocks=swap_blocks,
                                 pool=pool)
     ledger = scheduler.ledger
 
     kept = [item for item in trace if fits_context(item, setup)]
     requests = [Request(request_id=item.request_id, arrival_s=item.arrival_s, prompt_tokens=item.prompt_tokens,
-                        max_tokens=min(setup.max_tokens, setup.max_model_len - item.prompt_tokens),
+                        max_tokens=min(setup.max_tokens, e.max_model_len - item.prompt_tokens),
                         slo=item.slo, true_output_tokens=min(item.output_tokens, setup.max_tokens),
                         prompt_text=item.prompt_text,
-                        prefix_keys=item.prefix_keys(block_size) if setup.prefix_caching else None)
+                        prefix_keys=item.prefix_keys(block_size) if e.prefix_caching else None)
                 for item in kept]
     tunable = controller is not None and hasattr(policy, "set_confidence")
     requests.sort(key=lambda r: r.arrival_s)

@@ -4,8 +4,9 @@ then the books checked at idle.
 Poisson arrivals of streamed completions (random prompt token ids and output lengths,
 `ignore_eos`). Of the clients, `disconnect_share` leave early (half before the first byte,
 half after a few chunks) and `slow_share` read slowly (a pause between chunks). Every
-`rss_period_s` the resident memory of the replica processes and their engine processes
-is sampled. At the end, once the cluster is idle, /metrics must show nothing in flight,
+`rss_period_s` the resident memory of the cluster's processes is sampled by role (replica,
+engine core, Serve proxy and controller, global scheduler, raylet, GCS), so that growth can
+be attributed. At the end, once the cluster is idle, /metrics must show nothing in flight,
 every KV block free, every request the servers received in exactly one outcome, and each
 engine abort matched by a request the servers saw cancelled (a cancellation without an
 abort is a client that left after the engine had finished: nothing was left to abort).
@@ -41,21 +42,44 @@ class SoakSpec:
     seed: int = 0
 
 
-def cluster_rss_bytes() -> int:
-    """Resident memory of this machine's serving replicas and every process under them
-    (the vLLM engine cores)."""
+# Ray sets each worker's process title to "ray::<actor class>..."; the engine core is the
+# replica's child. Order matters: the first role whose marker is in the command line wins.
+PROCESS_ROLES = (("replica", REPLICA_TITLE), ("serve_proxy", "ray::ProxyActor"),
+                 ("serve_controller", "ray::ServeController"), ("global_scheduler", "ray::ClusterControl"),
+                 ("raylet", "/raylet"), ("gcs_server", "/gcs_server"))
+SERVING_ROLES = ("replica", "engine_core")  # what `rss_drift` is about: the processes that serve
+
+
+def cluster_rss_by_role() -> dict[str, int]:
+    """Resident memory of this machine's cluster processes, summed by role: the serving
+    replicas, their engine cores (every process under a replica), Serve's proxy and
+    controller, the global scheduler, and Ray's raylet and GCS."""
     import psutil
 
-    total = 0
+    totals = dict.fromkeys((*SERVING_ROLES, *(role for role, _ in PROCESS_ROLES[1:])), 0)
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if REPLICA_TITLE not in " ".join(process.info["cmdline"] or ()):
+            cmdline = " ".join(process.info["cmdline"] or ())
+            role = next((role for role, marker in PROCESS_ROLES if marker in cmdline), None)
+            if role is None:
                 continue
-            total += process.memory_info().rss
-            total += sum(child.memory_info().rss for child in process.children(recursive=True))
+            totals[role] += process.memory_info().rss
+            if role == "replica":
+                totals["engine_core"] += sum(child.memory_info().rss for child in process.children(recursive=True))
         except psutil.Error:
             continue  # gone meanwhile
-    return total
+    return totals
+
+
+def growth_per_minute(samples: list[tuple[float, int]]) -> float | None:
+    """Least-squares slope of (seconds, bytes) samples, in bytes per minute."""
+    if len(samples) < 2:
+        return None
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    mean_b = sum(b for _, b in samples) / n
+    var = sum((t - mean_t) ** 2 for t, _ in samples)
+    return 60 * sum((t - mean_t) * (b - mean_b) for t, b in samples) / var if var else None
 
 
 def read_metrics(text: str) -> dict[str, float]:
@@ -67,14 +91,14 @@ def read_metrics(text: str) -> dict[str, float]:
 
 
 async def soak(target: Target, spec: SoakSpec, *, on_request: Callable[[], None] | None = None,
-               rss: Callable[[], int] = cluster_rss_bytes, idle_timeout_s: float = 120.0) -> dict:
+               rss: Callable[[], dict[str, int]] = cluster_rss_by_role, idle_timeout_s: float = 120.0) -> dict:
     import httpx
 
     rng = random.Random(spec.seed)
     outcomes: Counter[str] = Counter()
     ttfts: list[float] = []  # of the clients that read normally (not slow, not leaving)
     error_samples: list[str] = []
-    rss_samples: list[tuple[float, int]] = []
+    rss_samples: list[tuple[float, dict[str, int]]] = []  # (seconds since start, bytes by role)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=target.url, timeout=600, limits=limits, headers=target.headers) as client:
         before = read_metrics((await client.get("/metrics")).text)
@@ -173,7 +197,10 @@ async def soak(target: Target, spec: SoakSpec, *, on_request: Callable[[], None]
     def quantile(q: float) -> float | None:
         return round(ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))], 3) if ttfts else None
 
-    warm = [b for t, b in rss_samples if t >= 0.1 * spec.duration_s] or [b for _, b in rss_samples]
+    # Warm: past the first tenth of the load (allocator pools and caches filling), while loaded.
+    warm_samples = [(t, b) for t, b in rss_samples if 0.1 * spec.duration_s <= t <= loaded_s] or rss_samples
+    serving = [(t, sum(b[role] for role in SERVING_ROLES)) for t, b in warm_samples]
+    roles = list(rss_samples[0][1]) if rss_samples else []
     return {
         "spec": asdict(spec), "loaded_s": round(loaded_s, 1), "sent": len(tasks), "client_kinds": dict(kinds),
         "client_outcomes": dict(outcomes), "error_samples": error_samples,
@@ -187,6 +214,9 @@ async def soak(target: Target, spec: SoakSpec, *, on_request: Callable[[], None]
         "idle": {"in_flight": after.get("cacheopt_requests_in_flight"),
                  "running": after.get("vllm:num_requests_running"), "waiting": after.get("vllm:num_requests_waiting"),
                  "kv_usage": after.get("vllm:kv_cache_usage_perc")},
-        "rss_mb": [(round(t), round(b / 2**20)) for t, b in rss_samples],
-        "rss_drift": (warm[-1] - warm[0]) / warm[0] if warm and warm[0] else None,
+        "rss_mb": {role: [(round(t), round(b[role] / 2**20, 1)) for t, b in rss_samples] for role in roles},
+        # Each role's growth while loaded and warm (least squares), and its share of the whole.
+        "rss_growth_mb_per_min": {role: round((growth_per_minute([(t, b[role]) for t, b in warm_samples]) or 0) / 2**20, 2)
+                                  for role in roles},
+        "rss_drift": (serving[-1][1] - serving[0][1]) / serving[0][1] if serving and serving[0][1] else None,
     }

@@ -10,6 +10,7 @@ from bench.simulate import SimSetup, simulate
 from bench.traces import load_azure_trace, scale_to_rate
 from predictor.length_quantile import LengthQuantilePredictor
 from replicas.config import SchedulerConfig
+from replicas.engines.config import LLAMA3_8B_H100
 from replicas.policies import make_policy
 from replicas.request import Request
 from replicas.scheduler import build_scheduler
@@ -20,7 +21,7 @@ def full_trace_seconds(policy: str, rate: float) -> tuple[float, int, int]:
     """Wall seconds to simulate the whole conv trace (predictor fitted on all of it)."""
     trace = load_azure_trace("conv")
     predictor = LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens) for r in trace)
-    result = simulate(scale_to_rate(trace, rate), policy, SimSetup(kv_blocks=4096), predictor)
+    result = simulate(scale_to_rate(trace, rate), policy, SimSetup(engine=LLAMA3_8B_H100.with_(kv_blocks=4096)), predictor)
     return result.wall_s, len(trace), result.num_steps
 
 

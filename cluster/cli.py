@@ -282,19 +282,24 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="switch vLLM's prefix caching off (the setting of the runs before issue 10)")
 
 
-def _engine_setup(args: argparse.Namespace):
+def _engine_config(base=None, **fields):
+    """An EngineConfig (`base` with `fields` changed), its validation errors in the flags' names."""
     from pydantic import ValidationError
 
     from replicas.engines.config import EngineConfig
 
     try:
-        config = EngineConfig(model=str(args.model), block_size=args.block_size, kv_blocks=args.kv_blocks,
-                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens,
-                              prefix_caching=not args.no_prefix_caching)
+        return base.with_(**fields) if base is not None else EngineConfig(**fields)
     except ValidationError as error:
         raise ValueError("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
                                    for e in error.errors())) from None
+
+
+def _engine_setup(args: argparse.Namespace):
+    config = _engine_config(model=str(args.model), block_size=args.block_size, kv_blocks=args.kv_blocks,
+                            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            prefix_caching=not args.no_prefix_caching)
     config.check_model()
     return config
 
@@ -305,7 +310,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from bench.report import knee_rate, write_report
     from bench.simulate import SimSetup
     from bench.sweep import SweepSpec, knee_samples, run_sweep
-    from replicas.config import CacheOptConfig, SchedulerConfig, config_from_mapping
+    from replicas.config import CacheOptConfig, config_from_mapping
+    from replicas.engines.config import LLAMA3_8B_H100
     from replicas.policies import ablation_names
 
     options = dict(_option(text) for text in args.cacheopt_option)
@@ -314,11 +320,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
     cacheopt = config_from_mapping(CacheOptConfig, options)
     ablations = ("edf", *ablation_names(cacheopt)) if args.ablation else ()
     policies = args.policies + tuple(p for p in ablations if p not in args.policies)
-    setup = SimSetup(latency_model=args.latency_model, kv_blocks=args.kv_blocks or None,
-                     max_tokens=args.max_tokens, prefix_caching=not args.no_prefix_caching,
-                     scheduler=SchedulerConfig(block_size=args.block_size,
-                                               max_num_batched_tokens=args.max_num_batched_tokens),
-                     cacheopt=cacheopt)
+    engine = _engine_config(LLAMA3_8B_H100, latency_model=args.latency_model, kv_blocks=args.kv_blocks or None,
+                            block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+                            prefix_caching=not args.no_prefix_caching)
+    setup = SimSetup(engine=engine, max_tokens=args.max_tokens, cacheopt=cacheopt)
     if len(args.p_range) != 2 or len(args.rate_band) != 2:
         raise ValueError("--p-range and --rate-band take two comma-separated numbers")
     spec = SweepSpec(trace=args.trace, length_divisor=args.length_divisor, policies=policies, rates=args.rates,
@@ -576,7 +581,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("sent", "client_outcomes", "ttft_s", "server", "books_balance",
                                              "aborts_match_cancellations", "cancelled_after_the_engine_finished",
-                                             "idle", "rss_drift")}, indent=1))
+                                             "idle", "rss_drift", "rss_growth_mb_per_min")}, indent=1))
     print(f"results: {args.out}")
     idle = result["idle"]
     clean = (result["books_balance"] and result["cancelled_after_the_engine_finished"] >= 0

@@ -30,7 +30,8 @@ def test_sim_writes_a_report(tmp_path):
     (["sim", "--cacheopt-option", "reserve_fraction"], "NAME=VALUE"),
     (["sim", "--cacheopt-option", "colour=blue"], "not a number"),
     (["sim", "--cacheopt-option", "colour=1"], "unknown CacheOptConfig option(s): colour"),
-    (["sim", "--max-num-batched-tokens", "0"], "max_num_batched_tokens=0"),
+    (["sim", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens: Input should be greater than or equal to 1"),
+    (["sim", "--max-num-batched-tokens", "128"], "max_num_seqs=256 must be <= max_num_batched_tokens=128"),
     # The real engine's settings are the cluster's EngineConfig: its checks, named by flag.
     (["bench", "--engine", "vllm", "--kv-blocks", "3"], "cannot hold one request"),
     (["bench", "--engine", "vllm", "--max-num-seqs", "0"], "--max-num-seqs"),

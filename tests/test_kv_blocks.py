@@ -122,14 +122,14 @@ def test_trace_hash_ids_become_block_keys_at_any_block_size():
 
 def test_simulated_shared_prefixes_save_prefill_and_free_blocks():
     from bench.simulate import SimSetup, simulate
-    from replicas.config import SchedulerConfig
+    from replicas.engines.config import LLAMA3_8B_H100
 
     trace = [TraceRequest(f"s-{i}", 0.05 * i, 600, 20, LOOSE, hash_ids=(100, 101, 102, 1000 + i),
                           hash_block_tokens=160) for i in range(40)]
     results = {}
     for caching in (False, True):
-        setup = SimSetup(kv_blocks=1024, prefix_caching=caching, check_invariants=True,
-                         scheduler=SchedulerConfig(block_size=16))
+        setup = SimSetup(engine=LLAMA3_8B_H100.with_(kv_blocks=1024, prefix_caching=caching, block_size=16),
+                         check_invariants=True)
         results[caching] = simulate(trace, "vllm", setup, predictor=None)
     on, off = results[True], results[False]
     assert on.stats.counters["prefix_hit_tokens"] >= 39 * 480
@@ -187,12 +187,13 @@ def test_skipping_hopeless_lookups_changes_no_decision(policy, monkeypatch):
     from bench.simulate import SimSetup, simulate
     from bench.traces import scale_to_rate
     from replicas.config import CacheOptConfig
+    from replicas.engines.config import LLAMA3_8B_H100
     from replicas.policies.base import Policy
     from replicas.policies.cacheopt import CacheOptPolicy
     from replicas.policies.edf import EdfPolicy
 
     requests = scale_to_rate(session_trace(SessionWorkload(num_sessions=80), seed=1), 12.0)
-    setup = SimSetup(kv_blocks=1024, cacheopt=CacheOptConfig(critical_admission=True))
+    setup = SimSetup(engine=LLAMA3_8B_H100.with_(kv_blocks=1024), cacheopt=CacheOptConfig(critical_admission=True))
 
     def outcomes():
         result = simulate(requests, policy, setup, predictor=None if policy == "edf" else _FixedBound())

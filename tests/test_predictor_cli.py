@@ -7,6 +7,7 @@ import pytest
 from bench.simulate import SimSetup
 from bench.sweep import SweepSpec, run_one
 from cluster.cli import main
+from replicas.engines.config import LLAMA3_8B_H100
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_learned_predictor_runs_in_the_simulator(artifact):
     """CacheOPT with the learned predictor replays AlpacaEval prompts it never saw: every
     request finishes or is shed after its bounded wait (1,024 blocks are contended)."""
     spec = SweepSpec(trace="alpaca", predictor="learned", artifact=artifact, policies=("cacheopt",), rates=(20.0,),
-                     limit=300, setup=SimSetup(kv_blocks=1024, max_tokens=2048))
+                     limit=300, setup=SimSetup(engine=LLAMA3_8B_H100.with_(kv_blocks=1024), max_tokens=2048))
     row = run_one(spec, "cacheopt", 20.0, 0).row
     assert row["num_requests"] == 300
     assert row["num_finished"] + row["shed_share"] * 300 == 300 and row["num_finished"] > 200

@@ -74,11 +74,12 @@ def test_jsonl_keeps_session_and_hash_block_size(tmp_path):
 def test_shared_prefixes_hit_in_the_simulator_and_cut_time_to_first_token():
     from bench.simulate import SimSetup, simulate
     from bench.traces import scale_to_rate
+    from replicas.engines.config import LLAMA3_8B_H100
 
     requests = scale_to_rate(session_trace(SessionWorkload(num_sessions=60), seed=0), 2.0)
     ttft = {}
     for caching in (True, False):
-        result = simulate(requests, "vllm", SimSetup(prefix_caching=caching, kv_blocks=4096), predictor=None)
+        result = simulate(requests, "vllm", SimSetup(engine=LLAMA3_8B_H100.with_(prefix_caching=caching, kv_blocks=4096)), predictor=None)
         outs = [o for o in result.outcomes if o.first_token_s is not None]
         ttft[caching] = sum(o.first_token_s - o.arrival_s for o in outs) / len(outs)
         if caching:

@@ -8,7 +8,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from replicas.config import SchedulerConfig
 from replicas.engine_settings import EngineSettings, RequestHints, apply_control
 from replicas.engines import EngineDead, RequestShed
 from replicas.engines.config import EngineConfig
@@ -32,8 +31,7 @@ class SimServingEngine:
         self.settings = settings
         self.latency = get_latency_model(e.latency_model)
         self.core = build_scheduler(self.settings.build_policy(), total_blocks=(e.kv_blocks or 4096) - 1,  # None means "sized from memory": a GPU-sized pool
-                                    config=SchedulerConfig(block_size=e.block_size, max_num_seqs=e.max_num_seqs,
-                                                           max_num_batched_tokens=e.max_num_batched_tokens),
+                                    config=e.scheduler_config(),
                                     can_swap=False)
         self.engine = SimEngine(self.latency, e.block_size)
         self.max_model_len = e.max_model_len
