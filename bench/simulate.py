@@ -20,12 +20,14 @@ from replicas.config import CacheOptConfig
 from replicas.engines.config import LLAMA3_8B_H100, EngineConfig
 from replicas.kv_blocks import SimBlockPool
 from replicas.latency import get_latency_model
+from replicas.plan import StepPlan
 from replicas.policies import make_policy
 from replicas.request import Request
 from replicas.scheduler import build_scheduler
 from replicas.sim_engine import SimEngine
 
 ARRIVAL, STEP_END = 0, 1  # event-kind priority at equal times
+STUCK_IDLE_PLANS = 100_000  # plans in a row with nothing to run: a policy that can never admit
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,71 @@ def fits_context(item: TraceRequest, setup: SimSetup) -> bool:
     return item.prompt_tokens + min(item.output_tokens, setup.max_tokens) <= setup.engine.max_model_len
 
 
+class ReplicaSim:
+    """One simulated replica: the policy, the pure scheduler core and the simulated engine.
+    The single-replica loop (`simulate`) and the cluster simulator (bench/cluster_sim.py)
+    drive it."""
+
+    def __init__(self, policy_name: str, setup: SimSetup, predictor: OutputLengthPredictor | None, *, seed: int = 0):
+        e = setup.engine
+        self.setup = setup
+        self.policy_name = policy_name
+        latency = get_latency_model(e.latency_model)
+        self.block_size = e.block_size
+        self.total_blocks = setup.total_blocks()
+        costs = latency if setup.policy_latency_model is None else get_latency_model(setup.policy_latency_model)
+        self.policy = make_policy(policy_name, predictor=predictor, costs=costs, cacheopt_config=setup.cacheopt)
+        self.engine = SimEngine(latency, self.block_size, rng=random.Random(seed))
+        swap_blocks = self.total_blocks if setup.host_swap_blocks is None else setup.host_swap_blocks
+        pool = SimBlockPool(self.total_blocks, self.block_size) if e.prefix_caching else None
+        self.scheduler = build_scheduler(self.policy, total_blocks=self.total_blocks, config=e.scheduler_config(),
+                                         can_swap=self.engine.can_swap and setup.can_swap,
+                                         host_swap_blocks=swap_blocks, pool=pool)
+        self.ledger = self.scheduler.ledger
+        self.tunable = hasattr(self.policy, "set_confidence")
+        self.num_steps = 0
+        self.held_block_sum = 0
+
+    def request_of(self, item: TraceRequest) -> Request:
+        setup, e = self.setup, self.setup.engine
+        return Request(request_id=item.request_id, arrival_s=item.arrival_s, prompt_tokens=item.prompt_tokens,
+                       max_tokens=min(setup.max_tokens, e.max_model_len - item.prompt_tokens),
+                       slo=item.slo, true_output_tokens=min(item.output_tokens, setup.max_tokens),
+                       prompt_text=item.prompt_text,
+                       prefix_keys=item.prefix_keys(self.block_size) if e.prefix_caching else None)
+
+    def step(self, now: float) -> tuple[StepPlan, float] | None:
+        """Plan a step at `now`: the plan and how long it computes, or None when nothing could run."""
+        plan = self.scheduler.schedule(now)
+        if not plan.scheduled:
+            return None
+        return plan, self.engine.step_duration_s(plan)
+
+    def step_done(self, plan: StepPlan, end: float, duration: float) -> list[Request]:
+        """The step ended at `end`: the requests it finished."""
+        finished = self.scheduler.on_step_done(plan, end, duration, _is_finished)
+        self.held_block_sum += self.ledger.held_total
+        self.num_steps += 1
+        if self.setup.check_invariants:
+            self.ledger.check_invariants()
+            self.scheduler.check_blocks()
+        return finished
+
+    def stats(self, duration_s: float) -> RunStats:
+        counters = dict(self.scheduler.counters)
+        return RunStats(
+            duration_s=duration_s,
+            preemptions_by_mode={"recompute": counters.pop("preempt_recompute", 0),
+                                 "swap": counters.pop("preempt_swap", 0)},
+            kv_utilization_mean=self.held_block_sum / (self.num_steps * self.total_blocks) if self.num_steps else 0.0,
+            counters=counters,
+        )
+
+
+def _is_finished(request: Request) -> bool:
+    return request.num_output_tokens >= request.true_output_tokens
+
+
 def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
              predictor: OutputLengthPredictor | None,
              controller: ConfidenceController | None = None, *, seed: int = 0) -> SimResult:
@@ -73,37 +140,14 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
     hears every arrival and finish and sets the policy's confidence p (policies with a p).
     `seed` draws the engine's stalls, for a latency model that has them."""
     started = time.perf_counter()
-    e = setup.engine
-    latency = get_latency_model(e.latency_model)
-    block_size = e.block_size
-    total_blocks = setup.total_blocks()
-    costs = latency if setup.policy_latency_model is None else get_latency_model(setup.policy_latency_model)
-    policy = make_policy(policy_name, predictor=predictor, costs=costs, cacheopt_config=setup.cacheopt)
-    engine = SimEngine(latency, block_size, rng=random.Random(seed))
-    swap_blocks = total_blocks if setup.host_swap_blocks is None else setup.host_swap_blocks
-    pool = SimBlockPool(total_blocks, block_size) if e.prefix_caching else None
-    scheduler = build_scheduler(policy, total_blocks=total_blocks, config=e.scheduler_config(),
-                                can_swap=engine.can_swap and setup.can_swap, host_swap_blocks=swap_blocks,
-                                pool=pool)
-    ledger = scheduler.ledger
-
+    replica = ReplicaSim(policy_name, setup, predictor, seed=seed)
+    scheduler, policy = replica.scheduler, replica.policy
     kept = [item for item in trace if fits_context(item, setup)]
-    requests = [Request(request_id=item.request_id, arrival_s=item.arrival_s, prompt_tokens=item.prompt_tokens,
-                        max_tokens=min(setup.max_tokens, e.max_model_len - item.prompt_tokens),
-                        slo=item.slo, true_output_tokens=min(item.output_tokens, setup.max_tokens),
-                        prompt_text=item.prompt_text,
-                        prefix_keys=item.prefix_keys(block_size) if e.prefix_caching else None)
-                for item in kept]
-    tunable = controller is not None and hasattr(policy, "set_confidence")
-    requests.sort(key=lambda r: r.arrival_s)
-
-    def is_finished(request: Request) -> bool:
-        return request.num_output_tokens >= request.true_output_tokens
+    requests = sorted((replica.request_of(item) for item in kept), key=lambda r: r.arrival_s)
+    tunable = controller is not None and replica.tunable
 
     now = 0.0
     next_arrival = 0
-    num_steps = 0
-    held_block_sum = 0
     num_idle_plans = 0
     while next_arrival < len(requests) or scheduler.has_work:
         if not scheduler.has_work:
@@ -114,42 +158,30 @@ def simulate(trace: list[TraceRequest], policy_name: str, setup: SimSetup,
                 policy.set_confidence(controller.confidence(now))
             scheduler.add_request(requests[next_arrival], now)
             next_arrival += 1
-        plan = scheduler.schedule(now)
-        if not plan.scheduled:
+        step = replica.step(now)
+        if step is None:
             # Nothing could run: everyone preempted itself (admission resumes next step), or
             # nothing fits until time passes (an arrival, or a waiting request turning critical).
             num_idle_plans += 1
             if num_idle_plans > 2:
                 if next_arrival < len(requests):
                     now = max(now, requests[next_arrival].arrival_s)
-                elif num_idle_plans > 100_000:
+                elif num_idle_plans > STUCK_IDLE_PLANS:
                     raise RuntimeError(f"{policy_name}: scheduler stuck with {len(scheduler.waiting)} waiting")
                 else:
                     now += max(scheduler.max_recent_iteration_s, 1e-3)
             continue
         num_idle_plans = 0
-        duration = engine.step_duration_s(plan)
+        plan, duration = step
         now += duration
-        finished = scheduler.on_step_done(plan, now, duration, is_finished)
+        finished = replica.step_done(plan, now, duration)
         if tunable:
             for request in finished:
                 controller.observe_finish(request.true_output_tokens > request.bound_at_admission_tokens)
-        held_block_sum += ledger.held_total
-        num_steps += 1
-        if setup.check_invariants:
-            ledger.check_invariants()
-            scheduler.check_blocks()
 
-    counters = dict(scheduler.counters)
-    stats = RunStats(
-        duration_s=now - (requests[0].arrival_s if requests else 0.0),
-        preemptions_by_mode={"recompute": counters.pop("preempt_recompute", 0),
-                             "swap": counters.pop("preempt_swap", 0)},
-        kv_utilization_mean=held_block_sum / (num_steps * total_blocks) if num_steps else 0.0,
-        counters=counters,
-    )
+    stats = replica.stats(now - (requests[0].arrival_s if requests else 0.0))
     return SimResult(policy=policy_name, outcomes=[outcome_of(r) for r in requests], stats=stats,
-                     num_steps=num_steps, num_dropped=len(trace) - len(kept),
+                     num_steps=replica.num_steps, num_dropped=len(trace) - len(kept),
                      wall_s=time.perf_counter() - started)
 
 

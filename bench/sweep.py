@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.cluster_sim import ClusterSimSetup, simulate_cluster
 from bench.metrics import summarize
 from bench.simulate import SimSetup, simulate
 from bench.traces import NAMED_TRACES, TraceRequest, load_trace, scale_to_rate, split_train_test
 from global_scheduler.confidence import ConfidenceController, FeedbackConfidence, RateController, RateTunedConfidence
+from global_scheduler.control import control_settings
 from predictor.base import OutputLengthPredictor
 from predictor.length_quantile import LengthQuantilePredictor
 from predictor.training import DEFAULT_ARTIFACT
@@ -50,6 +52,8 @@ class SweepSpec:
     rate_band_rps: tuple[float, float] = (8.0, 16.5)
     feedback_target: float = 0.3
     setup: SimSetup = field(default_factory=SimSetup)
+    # Several replicas behind a router (bench/cluster_sim.py); `rates` are then per replica.
+    cluster: ClusterSimSetup | None = None
 
     def __post_init__(self) -> None:
         check_policy_names(self.policies)
@@ -74,6 +78,9 @@ class SweepSpec:
             raise ValueError(f"replay={self.replay!r} must be 'test' or 'train'")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction={self.train_fraction} must lie in (0, 1)")
+        if self.cluster is not None and self.confidence_mode == "feedback":
+            raise ValueError("the cluster simulator tunes p from the arrival rate (confidence_mode 'rate') or keeps it "
+                             "fixed; 'feedback' is a single-replica controller")
         controller_for(self)  # bad tuner settings fail here, not in a worker process
 
 
@@ -128,12 +135,33 @@ class RunOutput:
     max_gap_s: list[float]
 
 
+def cluster_control_settings(spec: SweepSpec) -> dict | None:
+    """The global scheduler's settings for the cluster simulator; None: p stays fixed."""
+    assert spec.cluster is not None
+    if spec.confidence_mode != "rate":
+        return None
+    return control_settings(replicas=spec.cluster.replicas, p_range=spec.p_range, rate_band_rps=spec.rate_band_rps,
+                            reserve_fraction=spec.setup.cacheopt.reserve_fraction)
+
+
 def run_one(spec: SweepSpec, policy: str, rate: float, seed: int) -> RunOutput:
-    requests, predictor = workload(spec, seed)
-    result = simulate(scale_to_rate(requests, rate), policy, spec.setup, predictor, controller_for(spec), seed=seed)
+    requests, predictor = workload(replace(spec, cluster=None), seed)  # one workload for every variant
+    extra: dict = {}
+    if spec.cluster is None:
+        result = simulate(scale_to_rate(requests, rate), policy, spec.setup, predictor, controller_for(spec),
+                          seed=seed)
+    else:
+        c = spec.cluster
+        result = simulate_cluster(scale_to_rate(requests, rate * c.replicas), policy, spec.setup, c, predictor,
+                                  cluster_control_settings(spec), seed=seed)
+        extra = {"replicas": c.replicas, "router": c.router, "state_period_s": c.state_period_s,
+                 "reserve": c.reserve, "p_scope": c.p_scope, "cluster_rate_rps": rate * c.replicas,
+                 "routing_us_per_request": result.routing_us_per_request,
+                 "replica_requests_max_over_mean": (max(result.replica_requests or [0]) * c.replicas
+                                                    / max(1, sum(result.replica_requests or [0])))}
     row = {"policy": policy, "rate_rps": rate, "repeat": seed,
            **summarize(result.outcomes, result.stats),
-           "num_dropped": result.num_dropped, "num_steps": result.num_steps, "sim_wall_s": result.wall_s}
+           "num_dropped": result.num_dropped, "num_steps": result.num_steps, "sim_wall_s": result.wall_s, **extra}
     ttft = [o.first_token_s - o.arrival_s for o in result.outcomes if o.first_token_s is not None]
     max_gap = [max(o.token_gaps_s) for o in result.outcomes if o.token_gaps_s]
     return RunOutput(row, ttft, max_gap)
@@ -142,22 +170,45 @@ def run_one(spec: SweepSpec, policy: str, rate: float, seed: int) -> RunOutput:
 def run_sweep(spec: SweepSpec, *, jobs: int | None = None,
               on_done: Callable[[RunOutput], None] | None = None) -> list[RunOutput]:
     """All runs of the sweep, in (policy, rate, seed) order whatever order they finish in."""
-    tasks = [(p, r, s) for p in spec.policies for r in spec.rates for s in spec.seeds]
+    return _run_all([(spec, p, r, s) for p in spec.policies for r in spec.rates for s in spec.seeds], jobs, on_done)
+
+
+def run_variants(spec: SweepSpec, variants: Mapping[str, ClusterSimSetup], *, jobs: int | None = None,
+                 on_done: Callable[[RunOutput], None] | None = None) -> list[RunOutput]:
+    """The cluster simulator's sweep: every (variant, rate, seed) with the one policy of
+    `spec`; each row's "policy" is the variant's label (the series of the report) and
+    "replica_policy" the policy the replicas run."""
+    if len(spec.policies) != 1:
+        raise ValueError(f"a cluster sweep runs one replica policy, got {', '.join(spec.policies)}")
+    tasks = [(replace(spec, cluster=setup), spec.policies[0], r, s)
+             for setup in variants.values() for r in spec.rates for s in spec.seeds]
+    labels = [{"policy": label, "replica_policy": spec.policies[0]}
+              for label in variants for _ in spec.rates for _ in spec.seeds]
+    return _run_all(tasks, jobs, on_done, labels)
+
+
+def _run_all(tasks: list[tuple[SweepSpec, str, float, int]], jobs: int | None,
+             on_done: Callable[[RunOutput], None] | None, labels: list[dict] | None = None) -> list[RunOutput]:
+    """Every task's output, in task order; `labels[i]` is written into task i's row."""
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
-    results: dict[tuple, RunOutput] = {}
+    results: dict[int, RunOutput] = {}
+
+    def finish(index: int, output: RunOutput) -> None:
+        if labels is not None:
+            output.row.update(labels[index])
+        results[index] = output
+        if on_done:
+            on_done(output)
+
     if jobs == 1:
-        for task in tasks:
-            results[task] = run_one(spec, *task)
-            if on_done:
-                on_done(results[task])
+        for index, task in enumerate(tasks):
+            finish(index, run_one(*task))
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_one, spec, *task): task for task in tasks}
+            futures = {pool.submit(run_one, *task): index for index, task in enumerate(tasks)}
             for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                if on_done:
-                    on_done(results[futures[future]])
-    return [results[t] for t in tasks]
+                finish(futures[future], future.result())
+    return [results[i] for i in range(len(tasks))]
 
 
 def knee_samples(outputs: Sequence[RunOutput], knee_rate: float, seed: int) -> dict[str, dict[str, list[float]]]:

@@ -13,7 +13,8 @@ import logging
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.router import ROUTING_STATS_PERIOD_S, KVHeadroomRouter
+from cluster.router import KVHeadroomRouter
+from cluster.routing import ROUTING_STATS_PERIOD_S
 from cluster.server import LLMServer
 from global_scheduler.store import RedisStore
 

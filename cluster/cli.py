@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LOW,HIGH req/s per replica: p_max at LOW and below, p_min at HIGH and above")
     sim.add_argument("--feedback-target", type=float, default=0.3,
                      help="share of requests allowed to outlive their admission bound (feedback mode)")
-    sim.add_argument("--policies", type=_names, default=",".join(POLICY_NAMES),
-                     help="comma-separated policies (default: %(default)s)")
+    sim.add_argument("--policies", type=_names, default=None,
+                     help="comma-separated policies (default: " + ",".join(POLICY_NAMES) + "; with --replicas: cacheopt)")
     sim.add_argument("--ablation", action="store_true",
                      help="add edf (every KV mechanism off), CacheOPT's other design, and CacheOPT with each "
                           "mechanism switched off (cacheopt-no_<mechanism>)")
@@ -119,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--jobs", type=int, default=None, help="parallel processes (default: CPU count)")
     sim.add_argument("--out", type=Path, default=None, help="report folder (default reports/sim-<trace>-<model>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cluster = sim.add_argument_group(
+        "cluster", "With --replicas, the cluster simulator (bench/cluster_sim.py): N replicas of the one --policies "
+        "policy behind the real cluster's router rule and global scheduler logic; --rates are per replica and the "
+        "report's series are the --routers variants")
+    cluster.add_argument("--replicas", type=int, default=None, help="replicas (default: one, the plain simulator)")
+    cluster.add_argument("--routers", type=_names, default="kv,p2c,least-loaded,round-robin",
+                         help="variants, each ROUTER[:FIELD=VALUE...] with ROUTER one of kv, p2c, least-loaded, "
+                              "round-robin and FIELD one of state_period_s, state_delay_s, report_period_s, "
+                              "reserve (pressure, static, none), p_scope (cluster, replica), e.g. kv:state_period_s=1 "
+                              "(default %(default)s)")
+    cluster.add_argument("--state-period", type=float, default=0.1,
+                         help="seconds between a replica's snapshots reaching the router (default 0.1, as deployed)")
+    cluster.add_argument("--state-delay", type=float, default=0.001, help="their transport delay (default 0.001)")
+    cluster.add_argument("--reserve", default="pressure", choices=["pressure", "static", "none"],
+                         help="the KV reserve split: by pressure (the global scheduler's), equal, or none")
+    cluster.add_argument("--p-scope", default="cluster", choices=["cluster", "replica"],
+                         help="with --confidence-mode rate: p from the cluster's arrival rate or each replica's own")
 
     predictor = sub.add_parser("predictor", help="train or evaluate the learned output-length predictor")
     predictor_sub = predictor.add_subparsers(dest="predictor_command", required=True)
@@ -304,6 +321,44 @@ def _engine_setup(args: argparse.Namespace):
     return config
 
 
+def _cluster_sim(args: argparse.Namespace, policies: tuple[str, ...], setup) -> int:
+    from tqdm import tqdm
+
+    from bench.cluster_sim import ClusterSimSetup, parse_variant
+    from bench.report import write_report
+    from bench.sweep import SweepSpec, run_variants
+
+    if len(policies) != 1 or args.ablation:
+        raise ValueError("the cluster simulator runs one replica policy: give one --policies (default cacheopt here)")
+    base = ClusterSimSetup(replicas=args.replicas, state_period_s=args.state_period, state_delay_s=args.state_delay,
+                           reserve=args.reserve, p_scope=args.p_scope)
+    variants = {text: parse_variant(text, base) for text in args.routers}
+    spec = SweepSpec(trace=args.trace, length_divisor=args.length_divisor, policies=policies, rates=args.rates,
+                     seeds=args.seeds, limit=args.limit, replay=args.replay, predictor=args.predictor,
+                     artifact=args.artifact, confidence_mode=args.confidence_mode, p_range=args.p_range,
+                     rate_band_rps=args.rate_band, setup=setup, cluster=base)
+    out = args.out or Path("reports") / f"cluster-sim-{Path(args.trace).stem}-{args.replicas}"
+    total = len(variants) * len(spec.rates) * len(spec.seeds)
+    print(f"simulating {total} runs: {len(variants)} routers x {len(spec.rates)} rates per replica x "
+          f"{len(spec.seeds)} seeds, {args.replicas} replicas of {policies[0]}, {setup.total_blocks()} KV blocks each")
+    with tqdm(total=total, unit="run", disable=args.no_progress) as bar:
+        def done(output):
+            bar.set_postfix_str(f"{output.row['policy']} @ {output.row['rate_rps']:g}")
+            bar.update()
+        rows = [o.row for o in run_variants(spec, variants, jobs=args.jobs, on_done=done)]
+    baseline = "p2c" if "p2c" in variants else next(iter(variants))
+    wall = max(r["sim_wall_s"] for r in rows)
+    setup_md = (f"## Setup\n\n{args.replicas} simulated replicas of `{policies[0]}` ({args.latency_model}, "
+                f"{setup.total_blocks()} KV blocks of {args.block_size} tokens each); trace `{args.trace}` "
+                f"({args.replay} split), rates per replica (the cluster's is {args.replicas}x); confidence "
+                f"{args.confidence_mode}. Routers: " + ", ".join(f"`{v}`" for v in variants)
+                + f". Longest run: {wall:.1f} s of wall time. Command: `cacheopt {' '.join(sys.argv[1:])}`")
+    summary = write_report(out, rows, baseline=baseline, title=f"Cluster simulator: {args.replicas} replicas, "
+                           f"{args.trace} trace", extra_markdown=setup_md)
+    print(f"report: {summary}")
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -312,20 +367,23 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from bench.sweep import SweepSpec, knee_samples, run_sweep
     from replicas.config import CacheOptConfig, config_from_mapping
     from replicas.engines.config import LLAMA3_8B_H100
-    from replicas.policies import ablation_names
+    from replicas.policies import POLICY_NAMES, ablation_names
 
     options = dict(_option(text) for text in args.cacheopt_option)
     if args.confidence is not None:
         options["confidence"] = args.confidence
     cacheopt = config_from_mapping(CacheOptConfig, options)
     ablations = ("edf", *ablation_names(cacheopt)) if args.ablation else ()
-    policies = args.policies + tuple(p for p in ablations if p not in args.policies)
+    chosen = args.policies or (("cacheopt",) if args.replicas is not None else POLICY_NAMES)
+    policies = chosen + tuple(p for p in ablations if p not in chosen)
     engine = _engine_config(LLAMA3_8B_H100, latency_model=args.latency_model, kv_blocks=args.kv_blocks or None,
                             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                             prefix_caching=not args.no_prefix_caching)
     setup = SimSetup(engine=engine, max_tokens=args.max_tokens, cacheopt=cacheopt)
     if len(args.p_range) != 2 or len(args.rate_band) != 2:
         raise ValueError("--p-range and --rate-band take two comma-separated numbers")
+    if args.replicas is not None:
+        return _cluster_sim(args, policies, setup)
     spec = SweepSpec(trace=args.trace, length_divisor=args.length_divisor, policies=policies, rates=args.rates,
                      seeds=args.seeds, limit=args.limit,
                      replay=args.replay, predictor=args.predictor, artifact=args.artifact,

@@ -50,7 +50,8 @@ from cluster.openai_api import (
     parse_body,
     usage_chunk,
 )
-from global_scheduler.actor import REPORT_PERIOD_S, global_scheduler_handle
+from global_scheduler.actor import global_scheduler_handle
+from global_scheduler.control import REPORT_PERIOD_S, control_settings
 from global_scheduler.reserve import Lease, freshest_lease
 from global_scheduler.store import RedisStore, StoreUnavailable
 from replicas.engine_settings import XARG_CONFIDENCE, XARG_MAX_TOKENS, XARG_RESERVE, XARG_SLO, XARG_TRACEPARENT
@@ -77,9 +78,8 @@ PARSE_INLINE_BYTES = 16 * 1024
 def global_settings(config: ClusterConfig) -> dict:
     """What the global scheduler needs to know of the deployment."""
     p = config.policy
-    low, high = (r * config.replicas for r in p.rate_band_rps)
-    return {"p_min": p.p_range[0], "p_max": p.p_range[1], "low_rps": low, "high_rps": high,
-            "reserve_fraction": p.reserve_fraction, "redis_url": config.redis_url, "replicas": config.replicas}
+    return control_settings(replicas=config.replicas, p_range=p.p_range, rate_band_rps=p.rate_band_rps,
+                            reserve_fraction=p.reserve_fraction, redis_url=config.redis_url)
 
 
 class _ClosingStream(StreamingResponse):

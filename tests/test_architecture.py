@@ -43,3 +43,13 @@ def test_serving_does_not_import_the_benchmark():
     serving = ["cluster/server.py", "cluster/app.py", "cluster/router.py", "cluster/serve.py", "cluster/config.py"]
     assert [p for p in serving if pattern.search((root / p).read_text())] == []
     assert [str(p.relative_to(root)) for p in (root / "replicas").rglob("*.py") if pattern.search(p.read_text())] == []
+
+
+def test_the_cluster_simulator_runs_the_real_rules_without_ray():
+    """The routing rule and the global scheduler's logic are plain modules the serving
+    cluster wraps in Ray and the cluster simulator calls directly: importing them (and the
+    simulator) loads neither Ray nor vLLM."""
+    code = ("import sys\nimport cluster.routing, global_scheduler.control, bench.cluster_sim\n"
+            "print(','.join(m for m in ('ray', 'vllm', 'torch') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"pulled in: {loaded}"

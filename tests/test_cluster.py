@@ -306,7 +306,7 @@ def test_zz_a_replica_that_is_gone_loses_its_lease(cluster):
     from ray import serve
 
     from cluster.app import build_app
-    from global_scheduler.actor import REPLICA_SILENT_S
+    from global_scheduler.control import REPLICA_SILENT_S
     from global_scheduler.store import LEASE_TTL_S
 
     client = cluster["redis"].client()

@@ -10,7 +10,7 @@ import pytest
 from cluster.config import ConfigError, load_config
 from cluster.metrics import ReplicaMetrics, render
 from cluster.openai_api import ApiError, ChatRequest, CompletionRequest, parse_body
-from cluster.router import ReplicaView, blocks_per_request, rank_by_headroom, snapshot_of
+from cluster.routing import ReplicaView, blocks_per_request, rank_by_headroom, snapshot_of
 from global_scheduler.reserve import Lease, freshest_lease, rebalance_reserve
 from replicas.snapshot import KVSnapshot
 
@@ -215,7 +215,7 @@ def control_settings(**overrides) -> dict:
 
 
 def test_global_scheduler_counts_ready_replicas_and_leases_only_live_ones():
-    from global_scheduler.actor import REPLICA_SILENT_S, ClusterControl
+    from global_scheduler.control import REPLICA_SILENT_S, ClusterControl
 
     control = ClusterControl(control_settings())
     first = control.report("a", [99.0, 99.5], snap(free=0, need=50).to_dict(), {"requests": 2}, True, now=100.0)

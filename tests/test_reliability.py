@@ -78,7 +78,7 @@ def metrics(base: str) -> dict[str, float]:
 def test_aa_serving_starts_with_redis_down_and_coordination_follows_it_up(secured):
     """First: the cluster came up while its Redis was down, and serves; once Redis is up,
     snapshots and leases are in it within two exchanges (report period 0.5 s)."""
-    from global_scheduler.actor import REPORT_PERIOD_S
+    from global_scheduler.control import REPORT_PERIOD_S
 
     out = secured["client"].completions.create(model=MODEL, prompt="no redis yet", max_tokens=3)
     assert out.usage.completion_tokens == 3

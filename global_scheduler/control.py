@@ -1,0 +1,114 @@
+"""The global scheduler's logic, plain (no Ray): the real cluster runs it in a Ray actor
+(global_scheduler/actor.py), the cluster simulator (bench/cluster_sim.py) calls it directly.
+
+Every serving replica reports to it twice a second: the arrivals it saw, its KV snapshot,
+its request counters and whether its engine is warm. It answers with the confidence p for
+the cluster's arrival rate, the replica's share of the KV reserve (written to Redis when
+configured, fenced by epoch) and how many replicas are ready. Its state is soft: after a
+restart it relearns the rate within one estimator window and the replicas within one
+report period.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
+from global_scheduler.reserve import rebalance_reserve
+from global_scheduler.store import LEASE_TTL_S, RedisStore, StoreUnavailable
+from replicas.snapshot import KVSnapshot
+
+log = logging.getLogger("cacheopt.global_scheduler")
+REPORT_PERIOD_S = 0.5  # how often each replica reports
+REPLICA_SILENT_S = 5.0  # a replica not heard from for this long is gone: no lease, not counted ready
+REDIS_RETRY_S = 2 * REPORT_PERIOD_S  # after a failed write: back within two exchanges of its return
+
+
+def control_settings(*, replicas: int, p_range: tuple[float, float], rate_band_rps: tuple[float, float],
+                     reserve_fraction: float, redis_url: str | None = None) -> dict:
+    """ClusterControl's settings for a deployment of `replicas`: the confidence band is
+    per replica (RateTunedConfidence), the scheduler sees the cluster's rate."""
+    low, high = (r * replicas for r in rate_band_rps)
+    return {"p_min": p_range[0], "p_max": p_range[1], "low_rps": low, "high_rps": high,
+            "reserve_fraction": reserve_fraction, "redis_url": redis_url, "replicas": replicas}
+
+
+class ClusterControl:
+    """The global scheduler's logic, plain (tested without Ray); `GlobalScheduler` is the
+    actor around it."""
+
+    def __init__(self, settings: dict):
+        self.started_s = time.time()
+        self.rate = ArrivalRateEstimator()
+        self.replicas: dict[str, dict] = {}  # id -> {"seen_s", "snapshot", "metrics", "ready"}
+        self._parsed: dict[str, KVSnapshot] = {}  # the live replicas' last snapshots, parsed
+        self.leases: dict[str, int] = {}
+        self.epoch = 0
+        self.store: RedisStore | None = None
+        self.redis_url: str | None = None
+        self.store_retry_s = 0.0  # after a failed write, leave Redis alone until then
+        self.configure(settings)
+
+    def configure(self, settings: dict) -> None:
+        """A (re)deployment's settings: the last one wins, also for a detached actor that
+        outlived the deployment that made it."""
+        self.settings = dict(settings)
+        self.tuner = RateTunedConfidence(p_min=settings["p_min"], p_max=settings["p_max"],
+                                         low_rps=settings["low_rps"], high_rps=settings["high_rps"])
+        url = settings.get("redis_url")
+        if url != self.redis_url:
+            self.store = RedisStore(url) if url else None
+            self.redis_url = url
+
+    def report(self, replica: str, arrivals: list[float], snapshot: dict | None, metrics: dict,
+               ready: bool, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        for t in arrivals:
+            self.rate.observe(t)
+        self.replicas[replica] = {"seen_s": now, "snapshot": snapshot, "metrics": metrics, "ready": ready}
+        if snapshot:
+            self._parsed[replica] = KVSnapshot.from_dict(snapshot)  # once per report, not once per replica per report
+        else:
+            self._parsed.pop(replica, None)
+        live = self._live(now)
+        if self._parsed:
+            budget = int(self.settings["reserve_fraction"] * sum(s.total_blocks for s in self._parsed.values()))
+            self.leases = rebalance_reserve(budget, self._parsed)
+            # Epochs from the clock: a restarted scheduler's splits still come after its predecessor's.
+            self.epoch = max(self.epoch + 1, int(now * 1000))
+            if now >= self.store_retry_s:
+                self._write_leases(now)
+        rate = self.rate.rate_rps(now)
+        lease = self.leases.get(replica)
+        return {"confidence": self.tuner.confidence(rate), "arrival_rate_rps": rate,
+                "lease": None if lease is None else {"blocks": lease, "epoch": self.epoch, "ttl_s": LEASE_TTL_S},
+                "started_s": self.started_s,
+                "ready_replicas": sum(r["ready"] for r in live.values()),
+                "expected_replicas": self.settings["replicas"]}
+
+    def state(self, now: float | None = None) -> dict:
+        """Everything the replicas last reported (for /metrics, tests and operators)."""
+        now = time.time() if now is None else now
+        rate = self.rate.rate_rps(now)
+        return {"confidence": self.tuner.confidence(rate), "arrival_rate_rps": rate, "leases": dict(self.leases),
+                "started_s": self.started_s, "replicas": self._live(now),
+                "expected_replicas": self.settings["replicas"]}
+
+    def _live(self, now: float) -> dict[str, dict]:
+        for name in [n for n, r in self.replicas.items() if now - r["seen_s"] > REPLICA_SILENT_S]:
+            del self.replicas[name]  # gone: its lease is no longer renewed and expires in Redis
+            self._parsed.pop(name, None)
+        return self.replicas
+
+    def _write_leases(self, now: float) -> None:
+        """To Redis when configured; while it is away the leases live here and reach the
+        replicas in the replies, and the next write after it returns reconciles."""
+        if self.store is None:
+            return
+        try:
+            stored = self.store.set_leases(self.epoch, self.leases)
+            if stored > self.epoch:  # a newer split exists (a clock stepped back): continue after it
+                self.epoch = self.store.set_leases(stored + 1, self.leases)
+        except StoreUnavailable:  # back off: every report waiting on a dead Redis would stall the replicas
+            self.store_retry_s = now + REDIS_RETRY_S
