@@ -272,6 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--out", type=Path, default=Path("reports/reliability/soak.json"))
     soak.add_argument("--no-progress", action="store_true")
 
+    control = sub.add_parser(
+        "control-plane", help="measure what coordination costs: router decisions and Redis load per replica",
+        description="bench/control_plane.py: the KV router's decision time over N replicas' routing statistics, "
+                    "and N replicas' control loops with the global scheduler's logic against Redis, counted by "
+                    "Redis (INFO commandstats); with redis-benchmark, the request rate one Redis can coordinate. "
+                    "Without --redis-url it starts a private redis-server on a free loopback port.")
+    control.add_argument("--replicas", type=_ints, default="16,64,256", help="cluster sizes (default %(default)s)")
+    control.add_argument("--redis-url", default=None, help="a Redis to measure against (its stats are reset)")
+    control.add_argument("--rounds", type=int, default=20, help="report periods per size (default 20)")
+    control.add_argument("--per-replica-rate", type=float, default=18.8,
+                         help="requests per second per replica, to express Redis's load per request (default 18.8: "
+                              "cacheopt's sustainable rate on the simulated H100, conv trace)")
+    control.add_argument("--out", type=Path, default=Path("reports/control-plane.json"))
+
     calibrate = sub.add_parser(
         "calibrate", help="fit the simulator's latency model to the real CPU engine",
         description="Run vLLM's own scheduler on the local model over lone prefills, lone decodes and mixed "
@@ -617,6 +631,43 @@ def cmd_hostile(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    import contextlib
+    from urllib.parse import urlsplit
+
+    from bench.control_plane import redis_capacity, redis_load, router_decision_us, scratch_redis
+
+    if not args.replicas or min(args.replicas) < 2 or args.rounds < 1 or args.per_replica_rate <= 0:
+        raise ValueError("--replicas must be sizes >= 2, --rounds >= 1 and --per-replica-rate > 0")
+    result: dict = {"router_us": {}, "redis": {}}
+    for n in args.replicas:
+        result["router_us"][n] = {"stats_unchanged": router_decision_us(n),
+                                  "stats_all_new": router_decision_us(n, 300, fresh_stats=True)}
+        print(f"router, {n} replicas: {result['router_us'][n]['stats_unchanged']['p50']:.0f} us per decision at p50 "
+              f"({result['router_us'][n]['stats_all_new']['p50']:.0f} us with every replica's statistics new)")
+    redis_url = contextlib.nullcontext(args.redis_url) if args.redis_url else scratch_redis()
+    with redis_url as url:
+        for n in args.replicas:
+            load = result["redis"][n] = redis_load(url, n, rounds=args.rounds)
+            print(f"redis, {n} replicas: {load['commands_per_s_in_service']:.0f} commands/s, "
+                  f"{load['bytes_per_s_in_service'] / 1e3:.0f} kB/s, scheduler busy "
+                  f"{100 * load['scheduler_busy_share']:.1f}% of a core")
+        parts = urlsplit(url)
+        capacity = None if parts.password else redis_capacity(parts.port or 6379, parts.hostname or "127.0.0.1")
+    per_replica = max(load["commands_per_s_in_service"] / load["replicas"] for load in result["redis"].values())
+    result["commands_per_request"] = per_replica / args.per_replica_rate
+    result["redis_commands_per_s_capacity"] = capacity
+    if capacity:
+        result["max_request_rate"] = capacity / result["commands_per_request"]
+        result["max_replicas"] = capacity / per_replica
+        print(f"one Redis: {capacity:.0f} commands/s here -> {result['max_request_rate']:.0f} req/s at "
+              f"{args.per_replica_rate:g} req/s per replica ({result['max_replicas']:.0f} replicas)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"results: {args.out}")
+    return 0
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -675,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"sim": cmd_sim, "predictor": cmd_predictor, "model": cmd_model, "speed": cmd_speed,
                     "calibrate": cmd_calibrate, "bench": cmd_bench, "serve": cmd_serve,
-                    "overhead": cmd_overhead, "hostile": cmd_hostile, "soak": cmd_soak}
+                    "overhead": cmd_overhead, "hostile": cmd_hostile, "soak": cmd_soak,
+                    "control-plane": cmd_control_plane}
         return commands[args.command](args)
     except ValueError as error:
         print(f"cacheopt {args.command}: error: {error}", file=sys.stderr)

@@ -12,44 +12,36 @@ from __future__ import annotations
 
 import random
 import time
-from collections import defaultdict, deque
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from cluster.routing import ReplicaView, rank_by_headroom, snapshot_of
+from cluster.routing import RANKED_CANDIDATES, RoutingState
 
 
 class KVHeadroomRouter(FIFOMixin, RequestRouter):
     """`request_router_class` of the serving deployment (see the module docstring)."""
 
     def initialize_state(self, **kwargs) -> None:
-        # replica -> when this router sent it requests; bounded in case its snapshots stop
-        self._sent: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=4096))
+        self._state = RoutingState()
         self._rng = random.Random()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        now = time.time()
-        views = []
-        for replica in candidate_replicas:
-            stats = replica.routing_stats or {}
-            snap = snapshot_of(stats)
-            sent = self._sent[replica.replica_id.unique_id]
-            if snap is not None:
-                while sent and sent[0] <= snap.taken_s:
-                    sent.popleft()  # the snapshot has seen it
-            views.append(ReplicaView(snap, len(sent), bool(stats.get("healthy", True)),
-                                     float(stats.get("request_blocks", 0.0))))
-        order = rank_by_headroom(views, now)
+        order = self._state.rank([(r.replica_id.unique_id, r.routing_stats or {}) for r in candidate_replicas],
+                                 time.time(), limit=RANKED_CANDIDATES)
         if order is None:  # power of two choices on queue length, as Serve's default router
             pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))
             return [pair]
-        return [[candidate_replicas[i]] for i in order]
+        ranks = [[candidate_replicas[i]] for i in order]
+        if len(order) < len(candidate_replicas):  # the rest, for Serve to try together if all of these are full
+            ranked = set(order)
+            ranks.append([r for i, r in enumerate(candidate_replicas) if i not in ranked])
+        return ranks
 
     def on_send_request(self, replica_id) -> None:
         """Called as Serve sends a request, right after choosing (no await between, so
         concurrent requests see each other's charge)."""
         super().on_send_request(replica_id)
-        self._sent[replica_id.unique_id].append(time.time())
+        self._state.on_send(replica_id.unique_id, time.time())

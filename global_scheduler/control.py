@@ -23,6 +23,8 @@ log = logging.getLogger("cacheopt.global_scheduler")
 REPORT_PERIOD_S = 0.5  # how often each replica reports
 REPLICA_SILENT_S = 5.0  # a replica not heard from for this long is gone: no lease, not counted ready
 REDIS_RETRY_S = 2 * REPORT_PERIOD_S  # after a failed write: back within two exchanges of its return
+SPLIT_PERIOD_S = REPORT_PERIOD_S / 4  # the reserve is split anew at most this often
+WRITE_PERIOD_S = REPORT_PERIOD_S / 2  # and written to Redis at most this often (leases live LEASE_TTL_S)
 
 
 def control_settings(*, replicas: int, p_range: tuple[float, float], rate_band_rps: tuple[float, float],
@@ -47,7 +49,10 @@ class ClusterControl:
         self.epoch = 0
         self.store: RedisStore | None = None
         self.redis_url: str | None = None
-        self.store_retry_s = 0.0  # after a failed write, leave Redis alone until then
+        # One split and one Redis write per period, not one per report: with N replicas
+        # reporting, both would cost O(N) each, O(N^2) per period (bench/control_plane.py).
+        self.next_split_s = 0.0
+        self.next_write_s = 0.0  # after a failed write, REDIS_RETRY_S later
         self.configure(settings)
 
     def configure(self, settings: dict) -> None:
@@ -72,12 +77,13 @@ class ClusterControl:
         else:
             self._parsed.pop(replica, None)
         live = self._live(now)
-        if self._parsed:
+        if self._parsed and (now >= self.next_split_s or replica not in self.leases):
             budget = int(self.settings["reserve_fraction"] * sum(s.total_blocks for s in self._parsed.values()))
             self.leases = rebalance_reserve(budget, self._parsed)
             # Epochs from the clock: a restarted scheduler's splits still come after its predecessor's.
             self.epoch = max(self.epoch + 1, int(now * 1000))
-            if now >= self.store_retry_s:
+            self.next_split_s = now + SPLIT_PERIOD_S
+            if now >= self.next_write_s:
                 self._write_leases(now)
         rate = self.rate.rate_rps(now)
         lease = self.leases.get(replica)
@@ -110,5 +116,6 @@ class ClusterControl:
             stored = self.store.set_leases(self.epoch, self.leases)
             if stored > self.epoch:  # a newer split exists (a clock stepped back): continue after it
                 self.epoch = self.store.set_leases(stored + 1, self.leases)
+            self.next_write_s = now + WRITE_PERIOD_S
         except StoreUnavailable:  # back off: every report waiting on a dead Redis would stall the replicas
-            self.store_retry_s = now + REDIS_RETRY_S
+            self.next_write_s = now + REDIS_RETRY_S

@@ -10,7 +10,7 @@ import pytest
 from cluster.config import ConfigError, load_config
 from cluster.metrics import ReplicaMetrics, render
 from cluster.openai_api import ApiError, ChatRequest, CompletionRequest, parse_body
-from cluster.routing import ReplicaView, blocks_per_request, rank_by_headroom, snapshot_of
+from cluster.routing import ReplicaView, RoutingState, blocks_per_request, rank_by_headroom, snapshot_of
 from global_scheduler.reserve import Lease, freshest_lease, rebalance_reserve
 from replicas.snapshot import KVSnapshot
 
@@ -175,6 +175,22 @@ def test_router_ranks_by_headroom_and_gives_up_on_stale_snapshots():
     assert rank_by_headroom([ReplicaView(None), ReplicaView(snap())], 100.5) is None
     assert snapshot_of({"kv": snap().to_dict()}) == snap() and snapshot_of({}) is None
     assert snapshot_of({"kv": {"bogus": 1}}) is None
+    # The best `limit` only, in the same order.
+    assert rank_by_headroom(views, 100.5, limit=2) == [2, 1]
+
+
+def test_routing_state_parses_each_statistics_once_and_charges_what_it_sent():
+    """The router's memory: a request sent after a replica's snapshot counts against it
+    until a newer snapshot is taken; statistics objects are parsed once."""
+    state = RoutingState()
+    a, b = {"kv": snap(free=40).to_dict(), "request_blocks": 30.0}, {"kv": snap(free=45).to_dict(),
+                                                                      "request_blocks": 30.0}
+    assert state.rank([("a", a), ("b", b)], 100.5) == [1, 0]
+    state.on_send("b", 100.2)  # after b's snapshot (taken at 100.0): b's room is 15 < 30, a's is 40
+    assert state.rank([("a", a), ("b", b)], 100.5) == [0, 1]
+    fresh_b = {"kv": dataclasses.replace(snap(free=45), taken_s=100.3).to_dict(), "request_blocks": 30.0}
+    assert state.rank([("a", a), ("b", fresh_b)], 100.5) == [1, 0]  # the new snapshot has seen it
+    assert state._parsed["b"][0] is fresh_b
 
 
 def test_reserve_follows_pressure_within_budget_and_caps():
