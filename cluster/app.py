@@ -9,6 +9,7 @@ report to.
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 from ray.serve.config import RequestRouterConfig
 
@@ -32,6 +33,27 @@ def request_router_config(config: ClusterConfig) -> RequestRouterConfig:
                                request_routing_stats_timeout_s=1.0)
 
 
+def loopback_redis_problem(redis_url: str, node_ips: set[str]) -> str | None:
+    """Why `redis_url` cannot coordinate a cluster on these nodes, or None: a loopback
+    address means a different Redis (or none) on each machine, so replicas would never see
+    each other's snapshots and leases."""
+    host = urlsplit(redis_url).hostname
+    if host not in LOOPBACK or len(node_ips) <= 1:
+        return None
+    return (f"redis_url points at {host}, but the Ray cluster spans the machines {', '.join(sorted(node_ips))}: "
+            "each would reach its own loopback. Give Redis's address on the network every node can reach "
+            "(deploy/README.md)")
+
+
+def _node_ips() -> set[str]:
+    """The machines of the Ray cluster this deploys on (none known outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return set()
+    return {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+
+
 def build_app(args: dict | None = None):
     """`serve run cluster.app:build_app [config=path.yaml]`, or with the settings as a
     mapping under `config_dict` (`cacheopt serve`, deploy/serve-config.yaml); secrets the
@@ -48,6 +70,9 @@ def build_app(args: dict | None = None):
                     "(set api_keys or $CACHEOPT_API_KEY)")
     if config.redis_url:  # a wrong password fails the deploy here, clearly, not later in silence
         RedisStore(config.redis_url).check()
+        problem = loopback_redis_problem(config.redis_url, _node_ips())
+        if problem:
+            raise ConfigError(problem)
     # The engine's own processes are outside Ray's accounting; a replica asks Ray only for
     # its GPU (none on CPU machines), so that two replicas fit a 2-core machine.
     return LLMServer.options(num_replicas=config.replicas,

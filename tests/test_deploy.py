@@ -26,9 +26,27 @@ def test_cluster_yaml_passes_rays_schema(name):
     starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
     assert all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in starts)
     assert "--dashboard-host=127.0.0.1" in head
-    assert "CACHEOPT_API_KEY=" in head and "CACHEOPT_REDIS_URL=redis://:" in head
+    assert "CACHEOPT_API_KEY=" in head and "CACHEOPT_REDIS_URL=$(cat ~/.cacheopt-redis-url)" in head
     assert "~/.cacheopt" in config["file_mounts"].values()
-    assert any("requirepass" in c for c in config["head_setup_commands"])
+    # Redis on the head, with its password, at an address the workers' replicas reach.
+    assert "bash ~/cacheopt/deploy/redis-on-head.sh" in config["head_setup_commands"]
+    assert "127.0.0.1:6379" not in yaml.safe_dump(config)
+
+
+def test_head_redis_listens_where_the_workers_reach_it():
+    script = (DEPLOY / "redis-on-head.sh").read_text()
+    assert "requirepass $PASSWORD" in script and 'bind 127.0.0.1 $IP' in script
+    assert 'redis://:$PASSWORD@$IP:6379/0" > ~/.cacheopt-redis-url' in script
+
+
+def test_a_loopback_redis_url_is_refused_for_a_cluster_of_several_machines():
+    from cluster.app import loopback_redis_problem
+
+    assert loopback_redis_problem("redis://:pw@127.0.0.1:6379/0", {"10.0.0.10"}) is None
+    assert loopback_redis_problem("redis://:pw@127.0.0.1:6379/0", {"127.0.0.1"}) is None  # nodes on one machine
+    assert loopback_redis_problem("redis://:pw@10.0.0.10:6379/0", {"10.0.0.10", "10.0.0.11"}) is None
+    problem = loopback_redis_problem("redis://:pw@localhost:6379/0", {"10.0.0.10", "10.0.0.11"})
+    assert problem and "10.0.0.10, 10.0.0.11" in problem and "pw" not in problem
 
 
 def test_rays_schema_does_reject_a_broken_yaml():
