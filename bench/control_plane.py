@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 from cluster.routing import RANKED_CANDIDATES, RoutingState
 from global_scheduler.control import REPORT_PERIOD_S
@@ -34,24 +35,29 @@ def synthetic_snapshot(i: int, now_s: float, total_blocks: int = 4096) -> KVSnap
                       confidence=0.7)
 
 
-def routing_stats(n: int, now_s: float) -> list[tuple[str, dict]]:
-    return [(f"replica-{i}", {"kv": synthetic_snapshot(i, now_s).to_dict(), "healthy": True,
-                              "request_blocks": 40.0}) for i in range(n)]
+def candidates(n: int, now_s: float) -> list[SimpleNamespace]:
+    """Replica objects as Serve hands them to a router: an id and the routing statistics
+    the replica last recorded (cluster/server.py record_routing_stats)."""
+    return [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"replica-{i}"),
+                            routing_stats={"kv": synthetic_snapshot(i, now_s).to_dict(), "healthy": True,
+                                           "request_blocks": 40.0}) for i in range(n)]
 
 
 def router_decision_us(n: int, decisions: int = 2000, *, fresh_stats: bool = False) -> dict[str, float]:
-    """Microseconds per routing decision over `n` replicas (p50, p99, mean)."""
+    """Microseconds per routing decision over `n` replicas (p50, p99, mean): what
+    KVHeadroomRouter does per request (rank, then record the send)."""
     state = RoutingState()
     now = time.time()
-    stats = routing_stats(n, now)
+    replicas = candidates(n, now)
     samples = []
     for _ in range(decisions):
         if fresh_stats:
-            stats = [(rid, dict(s)) for rid, s in stats]  # new objects: every snapshot parsed again
+            for replica in replicas:  # new objects: every snapshot parsed again
+                replica.routing_stats = dict(replica.routing_stats)
         started = time.perf_counter()
-        order = state.rank(stats, now, limit=RANKED_CANDIDATES)
+        order = state.rank(replicas, now, limit=RANKED_CANDIDATES)
         assert order is not None
-        state.on_send(stats[order[0]][0], now)
+        state.on_send(replicas[order[0]].replica_id.unique_id, now)
         samples.append(1e6 * (time.perf_counter() - started))
     samples.sort()
     return {"p50": samples[len(samples) // 2], "p99": samples[int(0.99 * len(samples))],

@@ -78,5 +78,6 @@ def build_app(args: dict | None = None):
     return LLMServer.options(num_replicas=config.replicas,
                              max_ongoing_requests=config.max_queued_requests + REQUEST_SLOTS_SPARE,
                              request_router_config=request_router_config(config),
-                             ray_actor_options={"num_cpus": 0, "num_gpus": config.engine.num_gpus}
+                             ray_actor_options={"num_cpus": 0, "num_gpus": config.engine.num_gpus,
+                                                "resources": dict(config.replica_resources)}
                              ).bind(config.model_dump())

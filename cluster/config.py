@@ -73,6 +73,12 @@ class ClusterConfig(_Strict):
     require_api_keys: bool = False
     # A larger body gets 413 before it is read (a prompt of 128k tokens is about 0.5 MiB).
     max_request_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    # Ray resources each replica asks for besides its GPUs, e.g. {"gpu_node": 1} to place
+    # replicas only on nodes started with `ray start --resources='{"gpu_node": 8}'`.
+    replica_resources: dict[str, float] = {}
+    # Where Serve runs its HTTP proxies: on every node (Ray's default: a load balancer may
+    # send clients to any node) or on the head only (several nodes on one machine share a port).
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
 

@@ -29,8 +29,7 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        order = self._state.rank([(r.replica_id.unique_id, r.routing_stats or {}) for r in candidate_replicas],
-                                 time.time(), limit=RANKED_CANDIDATES)
+        order = self._state.rank(candidate_replicas, time.time(), limit=RANKED_CANDIDATES)
         if order is None:  # power of two choices on queue length, as Serve's default router
             pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))
             return [pair]

@@ -10,9 +10,12 @@ loaded of them first; without room, the most headroom first; failing replicas la
 from __future__ import annotations
 
 import heapq
+import operator
 from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
+
+import numpy as np
 
 from replicas.snapshot import KVSnapshot
 
@@ -77,38 +80,96 @@ RANKED_CANDIDATES = 4
 
 
 class RoutingState:
-    """One router's memory: when it sent each replica requests (charged until a snapshot
-    shows them) and each replica's last routing statistics, parsed once (they change
-    every ROUTING_STATS_PERIOD_S; a router decides many times in between)."""
+    """One router's memory, and `rank_by_headroom` over it in a few array operations: a
+    router decides once per request over every replica, so per-replica Python work is what
+    its time is made of (bench/control_plane.py). Kept per candidate slot: each replica's
+    last routing statistics, parsed when they change (every ROUTING_STATS_PERIOD_S, while
+    the router decides many times in between), and the requests sent to it since its
+    snapshot (charged until a newer snapshot shows them). tests/test_cluster_parts.py
+    checks that it ranks as rank_by_headroom does.
 
-    def __init__(self) -> None:
+    Candidates are the router's replica objects: `.routing_stats` (a dict) and an id from
+    `replica_id_of`; the same objects from one decision to the next cost one identity
+    check each, in C."""
+
+    def __init__(self, replica_id_of=lambda replica: replica.replica_id.unique_id) -> None:
+        self._replica_id_of = replica_id_of
         self._sent: dict[str, deque[float]] = {}
-        self._parsed: dict[str, tuple[dict, KVSnapshot | None]] = {}
+        self._candidates: list = []
+        self._stats: list = []
+        self._ids: list[str] = []
+        self._slot: dict[str, int] = {}
+        self._snapshots: list[KVSnapshot | None] = []
+        n = 0
+        self._headroom = np.zeros(n)
+        self._base_load = np.zeros(n)
+        self._reserve_free = np.zeros(n)
+        self._unhealthy = np.zeros(n, dtype=bool)
+        self._request_blocks = np.zeros(n)
+        self._taken = np.zeros(n)
+        self._sent_count = np.zeros(n)
 
-    def rank(self, replicas: Sequence[tuple[str, dict]], now_s: float, limit: int | None = None) -> list[int] | None:
-        """`replicas`: (id, routing statistics) of each candidate; rank_by_headroom's answer."""
-        if len(self._parsed) > 2 * len(replicas) + 16:  # replicas come and go: forget the gone ones
-            current = {replica_id for replica_id, _ in replicas}
-            self._parsed = {k: v for k, v in self._parsed.items() if k in current}
-            self._sent = {k: v for k, v in self._sent.items() if k in current}
-        views = []
-        for replica_id, stats in replicas:
-            cached = self._parsed.get(replica_id)
-            if cached is None or cached[0] is not stats:
-                cached = self._parsed[replica_id] = (stats, snapshot_of(stats))
-            snap = cached[1]
-            sent = self._sent.get(replica_id)
-            if sent is None:
-                sent = self._sent[replica_id] = deque(maxlen=SENT_BUFFERED)
-            if snap is not None:
-                while sent and sent[0] <= snap.taken_s:
-                    sent.popleft()  # the snapshot has seen it
-            views.append(ReplicaView(snap, len(sent), bool(stats.get("healthy", True)),
-                                     float(stats.get("request_blocks", 0.0))))
-        return rank_by_headroom(views, now_s, limit)
+    def rank(self, candidates: Sequence, now_s: float, limit: int | None = None) -> list[int] | None:
+        """rank_by_headroom's answer for `candidates` (indices into it)."""
+        if len(candidates) != len(self._candidates) or not all(map(operator.is_, candidates, self._candidates)):
+            self._rebuild(candidates)
+        stats = list(map(_stats_of, candidates))
+        if not all(map(operator.is_, stats, self._stats)):
+            for i, (new, old) in enumerate(zip(stats, self._stats, strict=True)):
+                if new is not old:
+                    self._load(i, new)
+        if not len(candidates) or self._taken.min() < now_s - SNAPSHOT_MAX_AGE_S:
+            return None  # a snapshot missing (taken -inf) or stale
+        known = self._request_blocks[self._request_blocks > 0]
+        charge = float(known.mean()) if known.size else 0.0
+        room = self._headroom - charge * self._sent_count
+        fits = room >= charge
+        load = np.where(fits, self._sent_count + self._base_load, 0.0)
+        order = np.lexsort((np.arange(len(candidates)), -self._reserve_free, -room, load, ~fits, self._unhealthy))
+        return order[:limit].tolist() if limit is not None else order.tolist()
 
     def on_send(self, replica_id: str, now_s: float) -> None:
         sent = self._sent.get(replica_id)
         if sent is None:
             sent = self._sent[replica_id] = deque(maxlen=SENT_BUFFERED)
         sent.append(now_s)
+        slot = self._slot.get(replica_id)
+        if slot is not None:  # None: not among the current candidates
+            while sent and sent[0] <= self._taken[slot]:
+                sent.popleft()  # its snapshot has seen it
+            self._sent_count[slot] = len(sent)
+
+    def _rebuild(self, candidates: Sequence) -> None:
+        n = len(candidates)
+        self._candidates = list(candidates)
+        self._ids = [self._replica_id_of(c) for c in candidates]
+        self._slot = {rid: i for i, rid in enumerate(self._ids)}
+        self._sent = {rid: self._sent[rid] for rid in self._ids if rid in self._sent}  # forget gone replicas
+        self._stats = [None] * n  # every slot loads below
+        self._snapshots = [None] * n
+        self._headroom, self._base_load, self._reserve_free = np.zeros(n), np.zeros(n), np.zeros(n)
+        self._unhealthy, self._request_blocks = np.zeros(n, dtype=bool), np.zeros(n)
+        self._taken, self._sent_count = np.full(n, -np.inf), np.zeros(n)
+
+    def _load(self, i: int, stats: dict) -> None:
+        self._stats[i] = stats
+        snap = self._snapshots[i] = snapshot_of(stats)
+        self._unhealthy[i] = not stats.get("healthy", True)
+        self._request_blocks[i] = float(stats.get("request_blocks", 0.0))
+        sent = self._sent.get(self._ids[i])
+        if snap is None:
+            self._taken[i] = -np.inf
+        else:
+            self._taken[i] = snap.taken_s
+            self._headroom[i], self._reserve_free[i] = snap.headroom_blocks, snap.reserve_free_blocks
+            self._base_load[i] = snap.num_running + snap.num_waiting
+            while sent and sent[0] <= snap.taken_s:
+                sent.popleft()  # the snapshot has seen it
+        self._sent_count[i] = len(sent) if sent else 0
+
+
+def _stats_of(candidate) -> dict:
+    return candidate.routing_stats or _NO_STATS
+
+
+_NO_STATS: dict = {}  # one object: a replica without statistics is not "changed" at every decision

@@ -34,7 +34,7 @@ def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0, stop: threa
     from cluster.app import build_app
 
     start_ray(config)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port}, proxy_location=config.proxy_location)
     serve.run(build_app({"config_dict": config.model_dump()}), name=APP_NAME, route_prefix="/",
               blocking=False)
     url = f"http://{config.host}:{config.port}"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.config import ConfigError, load_config
 from cluster.metrics import ReplicaMetrics, render
@@ -179,18 +182,49 @@ def test_router_ranks_by_headroom_and_gives_up_on_stale_snapshots():
     assert rank_by_headroom(views, 100.5, limit=2) == [2, 1]
 
 
+def _replica(name: str, stats: dict | None):
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), routing_stats=stats)
+
+
 def test_routing_state_parses_each_statistics_once_and_charges_what_it_sent():
     """The router's memory: a request sent after a replica's snapshot counts against it
     until a newer snapshot is taken; statistics objects are parsed once."""
     state = RoutingState()
-    a, b = {"kv": snap(free=40).to_dict(), "request_blocks": 30.0}, {"kv": snap(free=45).to_dict(),
-                                                                      "request_blocks": 30.0}
-    assert state.rank([("a", a), ("b", b)], 100.5) == [1, 0]
+    a = _replica("a", {"kv": snap(free=40).to_dict(), "request_blocks": 30.0})
+    b = _replica("b", {"kv": snap(free=45).to_dict(), "request_blocks": 30.0})
+    assert state.rank([a, b], 100.5) == [1, 0]
     state.on_send("b", 100.2)  # after b's snapshot (taken at 100.0): b's room is 15 < 30, a's is 40
-    assert state.rank([("a", a), ("b", b)], 100.5) == [0, 1]
-    fresh_b = {"kv": dataclasses.replace(snap(free=45), taken_s=100.3).to_dict(), "request_blocks": 30.0}
-    assert state.rank([("a", a), ("b", fresh_b)], 100.5) == [1, 0]  # the new snapshot has seen it
-    assert state._parsed["b"][0] is fresh_b
+    assert state.rank([a, b], 100.5) == [0, 1]
+    b.routing_stats = {"kv": dataclasses.replace(snap(free=45), taken_s=100.3).to_dict(), "request_blocks": 30.0}
+    assert state.rank([a, b], 100.5) == [1, 0]  # the new snapshot has seen it
+    assert state.rank([a, _replica("c", None)], 100.5) is None  # no snapshot: Serve's default decides
+    assert state.rank([a, b], 103.0) is None  # stale
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 30), st.integers(0, 40), st.integers(0, 3),
+                          st.integers(0, 4), st.booleans(), st.sampled_from([0.0, 8.0, 12.5]),
+                          st.sampled_from([99.0, 99.5, 100.0])), min_size=1, max_size=12),
+       st.lists(st.integers(0, 11), max_size=10), st.sampled_from([None, 1, 3]))
+def test_routing_state_ranks_as_the_rule(replicas, sends, limit):
+    """The array form the router runs ranks exactly as rank_by_headroom, the rule, over
+    the same snapshots and requests sent since them (ties included)."""
+    state = RoutingState()
+    candidates, views = [], []
+    for i, (free, idle, need, running, waiting, healthy, blocks, taken) in enumerate(replicas):
+        snapshot = dataclasses.replace(snap(free=free, idle=idle, need=need, reserve=i % 3, taken=taken),
+                                       num_running=running, num_waiting=waiting)
+        candidates.append(_replica(f"r{i}", {"kv": snapshot.to_dict(), "healthy": healthy, "request_blocks": blocks}))
+    state.rank(candidates, 100.5)
+    sent = [0] * len(replicas)
+    for k in sends:
+        if k < len(replicas):
+            state.on_send(f"r{k}", 99.7 + 0.01 * k)  # after some snapshots (taken 99.0, 99.5), before others
+            sent[k] += 99.7 + 0.01 * k > replicas[k][7]
+    for i, candidate in enumerate(candidates):
+        stats = candidate.routing_stats
+        views.append(ReplicaView(snapshot_of(stats), sent[i], stats["healthy"], stats["request_blocks"]))
+    assert state.rank(candidates, 100.5, limit) == rank_by_headroom(views, 100.5, limit)
 
 
 def test_reserve_follows_pressure_within_budget_and_caps():

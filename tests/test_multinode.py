@@ -1,0 +1,136 @@
+"""A real multi-node Ray cluster on loopback: a head and a worker node started with `ray
+start` (two raylets on this machine), one serving replica on each through a custom
+resource, Redis on the "head" reached by every node, leases and snapshots flowing across
+nodes; then the worker node dies (its raylet SIGKILLed, as a lost machine): its replica's
+traffic goes to the head's replica and its lease expires."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+import ray
+from cluster_support import RedisServer, free_port, scheduler_state, wait_for
+
+from cluster.config import load_config
+from global_scheduler.control import REPLICA_SILENT_S
+from global_scheduler.store import LEASE_TTL_S
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-llama"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _ray_start(*args: str) -> None:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    subprocess.run([RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args], env=env, check=True,
+                   capture_output=True, timeout=120)
+
+
+def _processes_of(gcs_port: int) -> list[psutil.Process]:
+    """Every process of the Ray cluster whose GCS listens on `gcs_port` (never `ray stop`:
+    it would stop every Ray on the machine)."""
+    marks = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}")
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(mark in " ".join(process.info["cmdline"] or ()) for mark in marks):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _raylet_of(node_manager_port: int) -> psutil.Process:
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if "raylet" in cmdline and f"--node_manager_port={node_manager_port}" in cmdline:
+            return process
+    raise LookupError(f"no raylet on node manager port {node_manager_port}")
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray import serve
+
+    from cluster.serve import deploy, shutdown
+
+    gcs_port, worker_port, http_port = free_port(), free_port(), free_port()
+    redis_server = RedisServer()
+    try:
+        _ray_start("--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=false",
+                   '--resources={"replica_slot": 1, "head": 1}')
+        _ray_start(f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2", f"--node-manager-port={worker_port}",
+                   '--resources={"replica_slot": 1, "worker": 1}')
+        config = load_config(port=http_port, ray_address=f"127.0.0.1:{gcs_port}", redis_url=redis_server.url,
+                             replica_resources={"replica_slot": 1}, proxy_location="HeadOnly",
+                             engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024})
+        base = deploy(config, ready_timeout_s=180)
+        yield {"base": base, "redis": redis_server, "worker_port": worker_port,
+               "client": openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)}
+    finally:
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 (never started, or the node is gone)
+            pass
+        shutdown()
+        for process in _processes_of(gcs_port):
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        redis_server.kill()
+
+
+def test_replicas_on_both_nodes_share_leases_and_snapshots_through_redis(two_nodes):
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    # Each node offers one replica slot and both are taken: one replica per node.
+    assert ray.cluster_resources()["replica_slot"] == 2 and ray.available_resources().get("replica_slot", 0) == 0
+    client = two_nodes["redis"].client()
+
+    def keys(kind: str) -> set[bytes]:
+        return set(client.scan_iter(f"cacheopt:{kind}:*"))
+    assert wait_for(lambda: len(keys("snapshot")) == 2 and len(keys("lease")) == 2, 10), (keys("snapshot"),
+                                                                                            keys("lease"))
+    for key in keys("snapshot"):
+        snapshot = json.loads(client.get(key))
+        assert snapshot["total_blocks"] == 95
+    for _ in range(8):
+        out = two_nodes["client"].completions.create(model=MODEL, prompt="across nodes", max_tokens=4)
+        assert out.usage.completion_tokens == 4
+
+
+def test_a_lost_worker_node_sends_its_traffic_to_the_head_and_its_lease_expires(two_nodes):
+    client = two_nodes["redis"].client()
+    leases_before = set(client.scan_iter("cacheopt:lease:*"))
+    raylet = _raylet_of(two_nodes["worker_port"])
+    victims = [raylet, *raylet.children(recursive=True)]
+    for process in victims:
+        process.kill()  # the machine is gone: its raylet and every worker process with it
+    lost = time.time()
+    # Every request from now on is served (by the head's replica), at most after Serve's
+    # proxy notices the dead replica.
+    statuses = []
+    while time.time() - lost < 20:
+        try:
+            out = two_nodes["client"].completions.create(model=MODEL, prompt="after the loss", max_tokens=3,
+                                                         timeout=10)
+            statuses.append(out.usage.completion_tokens == 3)
+        except openai.APIError as error:
+            statuses.append(repr(error))
+        time.sleep(0.2)
+    first_ok = statuses.index(True)
+    assert all(s is True for s in statuses[first_ok:]), statuses
+    assert first_ok <= 10, statuses  # a few seconds at most while Serve learns of the loss
+    # The lost replica's lease expires in Redis, and the global scheduler stops counting it.
+    gone = wait_for(lambda: len(set(client.scan_iter("cacheopt:lease:*"))) < len(leases_before),
+                    LEASE_TTL_S + REPLICA_SILENT_S + 5)
+    assert gone, set(client.scan_iter("cacheopt:lease:*"))
+    assert wait_for(lambda: len(scheduler_state()["replicas"]) == 1, REPLICA_SILENT_S + 5)
