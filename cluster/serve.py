@@ -72,6 +72,24 @@ def shutdown() -> None:
     ray.shutdown()
 
 
+def stop_ray_cluster(gcs_port: int, host: str = "127.0.0.1") -> int:
+    """Kill every process of the Ray cluster whose GCS listens on `host:gcs_port` (its
+    GCS, raylets, workers, dashboard) and return how many: `ray stop` without stopping the
+    other Ray clusters of the machine. For tests and checks on one machine."""
+    import psutil
+
+    marks = (f"{host}:{gcs_port}", f"--gcs_server_port={gcs_port}")
+    killed = 0
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(mark in " ".join(process.info["cmdline"] or ()) for mark in marks):
+                process.kill()
+                killed += 1
+        except psutil.Error:
+            continue  # gone meanwhile
+    return killed
+
+
 def serve_forever(config: ClusterConfig) -> None:
     stop = threading.Event()
     started = False

@@ -4,13 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# Redis (Debian's package) for the cluster's coordination and its tests; the embedded
-# default cluster runs without it.
-if ! command -v redis-server > /dev/null; then
+# Debian packages: Redis for the cluster's coordination and its tests (the embedded default
+# cluster runs without it); OpenSSH's server and rsync for the `ray up` check
+# (deploy/check_ray_up.py: `ray up` reaches this machine through `sshd -i`).
+missing=()
+command -v redis-server > /dev/null || missing+=(redis-server)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v rsync > /dev/null || missing+=(rsync)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server > /dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" > /dev/null
   else
-    echo "scripts/setup.sh: redis-server is missing; install it with: sudo apt-get install -y redis-server" >&2
+    echo "scripts/setup.sh: missing ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
   fi
 fi
 if [ ! -x .venv/bin/python ]; then

@@ -3,8 +3,9 @@ the replicas (not with their square), and the router's decision is timed."""
 
 import json
 
-from cluster.cli import main
 from cluster_support import RedisServer
+
+from cluster.cli import main
 
 
 def test_redis_load_is_linear_in_replicas(tmp_path, capsys):

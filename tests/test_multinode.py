@@ -34,20 +34,6 @@ def _ray_start(*args: str) -> None:
                    capture_output=True, timeout=120)
 
 
-def _processes_of(gcs_port: int) -> list[psutil.Process]:
-    """Every process of the Ray cluster whose GCS listens on `gcs_port` (never `ray stop`:
-    it would stop every Ray on the machine)."""
-    marks = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}")
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(mark in " ".join(process.info["cmdline"] or ()) for mark in marks):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
-
-
 def _raylet_of(node_manager_port: int) -> psutil.Process:
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or ())
@@ -60,7 +46,7 @@ def _raylet_of(node_manager_port: int) -> psutil.Process:
 def two_nodes():
     from ray import serve
 
-    from cluster.serve import deploy, shutdown
+    from cluster.serve import deploy, shutdown, stop_ray_cluster
 
     gcs_port, worker_port, http_port = free_port(), free_port(), free_port()
     redis_server = RedisServer()
@@ -81,11 +67,7 @@ def two_nodes():
         except Exception:  # noqa: BLE001 (never started, or the node is gone)
             pass
         shutdown()
-        for process in _processes_of(gcs_port):
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
+        stop_ray_cluster(gcs_port)  # never `ray stop`: it would stop every Ray on the machine
         redis_server.kill()
 
 
