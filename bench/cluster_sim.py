@@ -20,7 +20,11 @@ replica applies them. Reserve: `pressure` (the scheduler's split), `static` (an 
 split of the same budget) or `none` (no reserve). p (confidence mode "rate"): from the
 cluster's arrival rate (`cluster`, as deployed) or each replica's own (`replica`).
 
-Deterministic for a seed: events are ordered by (time, kind, sequence).
+Deterministic for a seed: events are ordered by (time, kind, sequence). One difference
+from `simulate`: a replica that has work but can run nothing plans again every
+iteration time (as an engine keeps stepping), where the single-replica loop jumps to the
+next arrival; with one replica and p fixed the two agree unless admission turns on time
+passing between arrivals (tests/test_cluster_sim.py).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from bench.simulate import STUCK_IDLE_PLANS, ReplicaSim, SimResult, SimSetup, fi
 from bench.traces import TraceRequest
 from cluster.routing import ROUTING_STATS_PERIOD_S, ReplicaView, rank_by_headroom
 from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
-from global_scheduler.control import REPORT_PERIOD_S, ClusterControl
+from global_scheduler.control import REPLICA_SILENT_S, REPORT_PERIOD_S, ClusterControl
 from predictor.base import OutputLengthPredictor
 from replicas.plan import blocks_for
 from replicas.request import Request
@@ -56,8 +60,11 @@ ARRIVAL, STEP_END, REPORT, PLAN = 0, 1, 2, 3
 class ClusterSimSetup:
     replicas: int = 4
     router: str = "kv"
-    state_period_s: float = ROUTING_STATS_PERIOD_S  # how often a replica's snapshot reaches the router
-    state_delay_s: float = 0.001  # and how late (transport)
+    # How often a replica's snapshot reaches the router, and how late. As deployed: Serve's
+    # controller collects routing statistics every ROUTING_STATS_PERIOD_S and broadcasts
+    # them on a later loop, so they arrive about one period after they were taken.
+    state_period_s: float = ROUTING_STATS_PERIOD_S
+    state_delay_s: float = ROUTING_STATS_PERIOD_S
     report_period_s: float = REPORT_PERIOD_S  # replica <-> global scheduler
     reserve: str = "pressure"
     p_scope: str = "cluster"
@@ -69,8 +76,10 @@ class ClusterSimSetup:
                                      ("p_scope", self.p_scope, P_SCOPES)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
-        if self.state_period_s <= 0 or self.state_delay_s < 0 or self.report_period_s <= 0:
-            raise ValueError("state_period_s and report_period_s must be > 0 and state_delay_s >= 0")
+        if self.state_period_s <= 0 or self.state_delay_s < 0 or not 0 < self.report_period_s <= REPLICA_SILENT_S / 2:
+            raise ValueError(f"state_period_s must be > 0, state_delay_s >= 0 and report_period_s in (0, "
+                             f"{REPLICA_SILENT_S / 2:g}] (the global scheduler forgets a replica silent for "
+                             f"{REPLICA_SILENT_S:g} s)")
 
 
 def parse_variant(text: str, base: ClusterSimSetup) -> ClusterSimSetup:
@@ -110,6 +119,7 @@ class _PublishedState:
     def changing(self, now: float) -> None:
         """Call before the replica's state changes at `now`."""
         if now == self.changed_s:
+            self.current = None  # a snapshot taken at this instant saw the state before this change
             return
         if self._last_tick(now, strict=True) >= self.changed_s:  # a tick saw the state that ends now
             snap = self.current or take_snapshot(self.replica.scheduler, now)
@@ -135,8 +145,10 @@ class _Router:
     def __init__(self, setup: ClusterSimSetup, replicas: list[ReplicaSim], rng: random.Random):
         self.setup, self.replicas, self.rng = setup, replicas, rng
         n = len(replicas)
+        # Only the KV rule reads published state; the others see the replicas' queues fresh.
         self.published = [_PublishedState(r, setup.state_period_s, setup.state_delay_s,
-                                          rng.uniform(0, setup.state_period_s)) for r in replicas]
+                                          rng.uniform(0, setup.state_period_s)) for r in replicas] \
+            if setup.router == "kv" and n > 1 else []
         self.sent: list[deque[float]] = [deque() for _ in range(n)]
         self.request_blocks = [float(blocks_for(r.setup.engine.max_model_len // 2, r.block_size)) for r in replicas]
         self.next_robin = 0
@@ -176,6 +188,10 @@ class _Router:
         self.sent[choice].append(now)
         self.decision_s += time.perf_counter() - started
         return choice
+
+    def changing(self, i: int, now: float) -> None:
+        if self.published:
+            self.published[i].changing(now)
 
     def routed(self, i: int, request: Request) -> None:
         block = self.replicas[i].block_size
@@ -237,7 +253,7 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
     for i in range(n):
         push(start_s + rng.uniform(0, cluster.report_period_s), REPORT, i)
 
-    now = start_s
+    now = last_step_end = start_s
     while events:
         now, kind, _, i, payload = heapq.heappop(events)
         if kind == ARRIVAL:
@@ -246,7 +262,7 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
             router.routed(i, payload)
             assigned[i] += 1
             arrivals_since_report[i].append(now)
-            router.published[i].changing(now)
+            router.changing(i, now)
             replicas[i].scheduler.add_request(payload, now)
             if not busy[i]:
                 plan_now(i, now)
@@ -254,7 +270,7 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
             if busy[i] or payload != plan_token[i]:
                 continue
             replica = replicas[i]
-            router.published[i].changing(now)
+            router.changing(i, now)
             step = replica.step(now)
             if step is not None:
                 idle_plans[i] = 0
@@ -271,7 +287,8 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
                 plan_now(i, now + wait)
         elif kind == STEP_END:
             plan, duration = payload
-            router.published[i].changing(now)
+            last_step_end = now
+            router.changing(i, now)
             replicas[i].step_done(plan, now, duration)
             busy[i] = False
             plan_now(i, now)
@@ -279,7 +296,7 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
             replica = replicas[i]
             snap = take_snapshot(replica.scheduler, now)
             reply = control.report(f"replica-{i}", arrivals_since_report[i], snap.to_dict(), {}, True, now=now)
-            router.published[i].changing(now)
+            router.changing(i, now)
             if tune_p and replica.tunable:
                 if cluster.p_scope == "cluster":
                     replica.policy.set_confidence(reply["confidence"])
@@ -301,7 +318,7 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
             counters[name] = counters.get(name, 0) + value
     total_steps = sum(r.num_steps for r in replicas)
     merged = RunStats(
-        duration_s=now - start_s,
+        duration_s=last_step_end - start_s,  # not the last event: a report may come after the last finish
         preemptions_by_mode={mode: sum(s.preemptions_by_mode[mode] for s in stats) for mode in ("recompute", "swap")},
         kv_utilization_mean=(sum(r.held_block_sum for r in replicas)
                              / sum(r.num_steps * r.total_blocks for r in replicas)) if total_steps else 0.0,

@@ -25,6 +25,10 @@ from cluster.routing import RANKED_CANDIDATES, RoutingState
 from global_scheduler.control import REPORT_PERIOD_S
 from replicas.snapshot import KVSnapshot
 
+# Ray Serve 2.60 re-sends every replica's routing statistics to the routers whenever one
+# replica's change, which each does every cluster.routing.ROUTING_STATS_PERIOD_S.
+STATS_BROADCASTS_PER_S = 10.0
+
 
 def synthetic_snapshot(i: int, now_s: float, total_blocks: int = 4096) -> KVSnapshot:
     """Replica i's snapshot: varied headroom and load, as a busy cluster's would be."""

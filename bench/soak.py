@@ -46,7 +46,7 @@ class SoakSpec:
 # replica's child. Order matters: the first role whose marker is in the command line wins.
 PROCESS_ROLES = (("replica", REPLICA_TITLE), ("serve_proxy", "ray::ProxyActor"),
                  ("serve_controller", "ray::ServeController"), ("global_scheduler", "ray::ClusterControl"),
-                 ("raylet", "/raylet"), ("gcs_server", "/gcs_server"))
+                 ("raylet", "/raylet/raylet"), ("gcs_server", "/gcs_server"))
 SERVING_ROLES = ("replica", "engine_core")  # what `rss_drift` is about: the processes that serve
 
 
@@ -57,17 +57,22 @@ def cluster_rss_by_role() -> dict[str, int]:
     import psutil
 
     totals = dict.fromkeys((*SERVING_ROLES, *(role for role, _ in PROCESS_ROLES[1:])), 0)
+    roles: dict[int, str] = {}
     for process in psutil.process_iter(["cmdline"]):
         try:
             cmdline = " ".join(process.info["cmdline"] or ())
             role = next((role for role, marker in PROCESS_ROLES if marker in cmdline), None)
-            if role is None:
-                continue
-            totals[role] += process.memory_info().rss
-            if role == "replica":
-                totals["engine_core"] += sum(child.memory_info().rss for child in process.children(recursive=True))
+            if role is not None:
+                roles.setdefault(process.pid, role)
+                if role == "replica":  # its children (forked with its title, too) are the engine core
+                    roles.update((child.pid, "engine_core") for child in process.children(recursive=True))
         except psutil.Error:
             continue  # gone meanwhile
+    for pid, role in roles.items():
+        try:
+            totals[role] += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
     return totals
 
 

@@ -99,7 +99,6 @@ class RoutingState:
         self._stats: list = []
         self._ids: list[str] = []
         self._slot: dict[str, int] = {}
-        self._snapshots: list[KVSnapshot | None] = []
         n = 0
         self._headroom = np.zeros(n)
         self._base_load = np.zeros(n)
@@ -146,25 +145,28 @@ class RoutingState:
         self._slot = {rid: i for i, rid in enumerate(self._ids)}
         self._sent = {rid: self._sent[rid] for rid in self._ids if rid in self._sent}  # forget gone replicas
         self._stats = [None] * n  # every slot loads below
-        self._snapshots = [None] * n
         self._headroom, self._base_load, self._reserve_free = np.zeros(n), np.zeros(n), np.zeros(n)
         self._unhealthy, self._request_blocks = np.zeros(n, dtype=bool), np.zeros(n)
         self._taken, self._sent_count = np.full(n, -np.inf), np.zeros(n)
 
     def _load(self, i: int, stats: dict) -> None:
+        """Slot i from new routing statistics: the snapshot's numbers the rule reads, taken
+        from its dict directly (Serve re-sends every replica's statistics whenever one
+        changes, so this runs for every replica several times a second)."""
         self._stats[i] = stats
-        snap = self._snapshots[i] = snapshot_of(stats)
         self._unhealthy[i] = not stats.get("healthy", True)
         self._request_blocks[i] = float(stats.get("request_blocks", 0.0))
+        kv = stats.get("kv")
+        try:
+            taken = float(kv["taken_s"])
+            self._headroom[i], self._reserve_free[i] = kv["headroom_blocks"], kv["reserve_free_blocks"]  # KVSnapshot.to_dict
+            self._base_load[i] = kv["num_running"] + kv["num_waiting"]
+        except (KeyError, TypeError, ValueError):  # none, or a replica of another version: Serve's router decides
+            taken = -np.inf
+        self._taken[i] = taken
         sent = self._sent.get(self._ids[i])
-        if snap is None:
-            self._taken[i] = -np.inf
-        else:
-            self._taken[i] = snap.taken_s
-            self._headroom[i], self._reserve_free[i] = snap.headroom_blocks, snap.reserve_free_blocks
-            self._base_load[i] = snap.num_running + snap.num_waiting
-            while sent and sent[0] <= snap.taken_s:
-                sent.popleft()  # the snapshot has seen it
+        while sent and sent[0] <= taken:
+            sent.popleft()  # the snapshot has seen it
         self._sent_count[i] = len(sent) if sent else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -78,11 +79,11 @@ def stop_ray_cluster(gcs_port: int, host: str = "127.0.0.1") -> int:
     other Ray clusters of the machine. For tests and checks on one machine."""
     import psutil
 
-    marks = (f"{host}:{gcs_port}", f"--gcs_server_port={gcs_port}")
+    mark = re.compile(rf"({re.escape(host)}:|--gcs_server_port=){gcs_port}(\s|$)")
     killed = 0
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if any(mark in " ".join(process.info["cmdline"] or ()) for mark in marks):
+            if mark.search(" ".join(process.info["cmdline"] or ())):
                 process.kill()
                 killed += 1
         except psutil.Error:

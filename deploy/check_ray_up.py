@@ -4,9 +4,11 @@ served through the OpenAI API with the API key, then `ray down`.
 
     .venv/bin/python deploy/check_ray_up.py [--keep]
 
-No SSH daemon is started and no system file is changed: the SSH client reaches the
-machine through `ProxyCommand sshd -i` (OpenSSH's inetd mode) with a key, a host key and
-an sshd_config of a temporary directory. What differs from a real deployment, and why:
+No SSH daemon is started and no system configuration is changed: the SSH client reaches
+the machine through `ProxyCommand sshd -i` (OpenSSH's inetd mode) with a key, a host key
+and an sshd_config of a temporary directory (run it as root: sshd -i switches to the user;
+`ray up` itself leaves ~/ray_bootstrap_config.yaml and ~/ray_bootstrap_key.pem, as on any
+head node). What differs from a real deployment, and why:
 
 - the IPs: the head is 127.0.0.1 and there are no workers (one machine);
 - setup_commands: this checkout is already installed (a real node clones and installs);
@@ -63,7 +65,7 @@ def _ssh_through_sshd_i(work: Path) -> dict:
             "ssh_proxy_command": f"{SSHD} -i -f {work}/sshd_config"}
 
 
-def cluster_yaml(work: Path, secrets_dir: Path, redis_port: int, gcs_port: int) -> dict:
+def cluster_yaml(work: Path, secrets_dir: Path, redis_port: int, gcs_port: int, dashboard_port: int) -> dict:
     """deploy/local.yaml, pointed at this machine (see the module docstring for each change)."""
     config = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     config["cluster_name"] = f"cacheopt-check-{secrets.token_hex(3)}"
@@ -81,7 +83,7 @@ def cluster_yaml(work: Path, secrets_dir: Path, redis_port: int, gcs_port: int) 
     def adapt(command: str) -> str:
         return (command.replace("$HOME/.cacheopt", str(secrets_dir)).replace("~/.cacheopt-redis-url", str(url_file))
                 .replace("~/.cacheopt", str(secrets_dir)).replace("--port=6380", f"--port={gcs_port}")
-                .replace(" ray start ", f" {BIN}/ray start --node-ip-address=127.0.0.1 ")
+                .replace(" ray start ", f" {BIN}/ray start --node-ip-address=127.0.0.1 --dashboard-port={dashboard_port} ")
                 )
     config["head_start_ray_commands"] = [adapt(c) for c in config["head_start_ray_commands"] if c.strip() != "ray stop"]
     config["worker_start_ray_commands"] = []
@@ -110,9 +112,9 @@ def run(keep: bool = False) -> dict:
     (secrets_dir / "redis-password").write_text(secrets.token_hex(16))
     api_key = secrets.token_hex(16)
     (secrets_dir / "api-keys").write_text(api_key)
-    gcs_port, redis_port, http_port = _free_port(), _free_port(), _free_port()
+    gcs_port, redis_port, http_port, dashboard_port = _free_port(), _free_port(), _free_port(), _free_port()
     cluster_file, serve_file = work / "cluster.yaml", work / "serve.yaml"
-    cluster_file.write_text(yaml.safe_dump(cluster_yaml(work, secrets_dir, redis_port, gcs_port)))
+    cluster_file.write_text(yaml.safe_dump(cluster_yaml(work, secrets_dir, redis_port, gcs_port, dashboard_port)))
     serve_file.write_text(yaml.safe_dump(serve_config(http_port)))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(secrets_dir / "ray-auth-token"),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -130,7 +132,7 @@ def run(keep: bool = False) -> dict:
         # As deploy/README.md says: on the head, with Ray's token, `serve deploy`.
         step("serve_deploy", [str(BIN / "ray"), "exec", str(cluster_file),
                               f"cd {ROOT} && RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={secrets_dir}/ray-auth-token "
-                              f"{BIN}/serve deploy {serve_file}"], 300)
+                              f"{BIN}/serve deploy -a http://127.0.0.1:{dashboard_port} {serve_file}"], 300)
         import httpx
         import openai
 

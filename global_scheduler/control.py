@@ -77,13 +77,14 @@ class ClusterControl:
         else:
             self._parsed.pop(replica, None)
         live = self._live(now)
-        if self._parsed and (now >= self.next_split_s or replica not in self.leases):
+        # (A throttle further ahead than its period: the clock stepped back; do not wait for it.)
+        if self._parsed and (not 0 < self.next_split_s - now <= SPLIT_PERIOD_S or replica not in self.leases):
             budget = int(self.settings["reserve_fraction"] * sum(s.total_blocks for s in self._parsed.values()))
             self.leases = rebalance_reserve(budget, self._parsed)
             # Epochs from the clock: a restarted scheduler's splits still come after its predecessor's.
             self.epoch = max(self.epoch + 1, int(now * 1000))
             self.next_split_s = now + SPLIT_PERIOD_S
-            if now >= self.next_write_s:
+            if not 0 < self.next_write_s - now <= REDIS_RETRY_S:
                 self._write_leases(now)
         rate = self.rate.rate_rps(now)
         lease = self.leases.get(replica)
