@@ -73,21 +73,28 @@ def shutdown() -> None:
     ray.shutdown()
 
 
-def stop_ray_cluster(gcs_port: int, host: str = "127.0.0.1") -> int:
-    """Kill every process of the Ray cluster whose GCS listens on `host:gcs_port` (its
-    GCS, raylets, workers, dashboard) and return how many: `ray stop` without stopping the
-    other Ray clusters of the machine. For tests and checks on one machine."""
+def stop_ray_cluster(gcs_port: int) -> int:
+    """Kill every process of the Ray cluster whose GCS listens on `gcs_port` (at whatever
+    address: Ray may advertise the machine's own) and their children (the dashboard's
+    modules), and return how many: `ray stop` without stopping the other Ray clusters of
+    the machine. For tests and checks on one machine."""
     import psutil
 
-    mark = re.compile(rf"({re.escape(host)}:|--gcs_server_port=){gcs_port}(\s|$)")
-    killed = 0
+    mark = re.compile(rf"([\d.]+:|--gcs_server_port=){gcs_port}(\s|$)")
+    doomed: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
         try:
             if mark.search(" ".join(process.info["cmdline"] or ())):
-                process.kill()
-                killed += 1
+                doomed.update((p.pid, p) for p in (process, *process.children(recursive=True)))
         except psutil.Error:
             continue  # gone meanwhile
+    killed = 0
+    for process in doomed.values():
+        try:
+            process.kill()
+            killed += 1
+        except psutil.Error:
+            continue
     return killed
 
 

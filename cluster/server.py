@@ -289,6 +289,26 @@ class LLMServer:
         async for ids in self.engine.generate(request_id, prompt_token_ids, max_tokens, extra):
             yield ids
 
+    def memory_report(self, top: int = 30) -> dict:
+        """For operators chasing memory (a deployment handle call, not HTTP): this
+        process's RSS, the live Python objects by type (the `top` most numerous), and, when
+        the process runs with PYTHONTRACEMALLOC, the allocation sites holding the most."""
+        import gc
+        import os
+        import tracemalloc
+        from collections import Counter
+
+        import psutil
+
+        gc.collect()
+        types = Counter(type(o).__qualname__ for o in gc.get_objects())
+        report: dict = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
+                        "objects": sum(types.values()), "by_type": dict(types.most_common(top))}
+        if tracemalloc.is_tracing():
+            stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
+            report["allocations"] = [(str(s.traceback), s.size, s.count) for s in stats]
+        return report
+
     # -- HTTP -------------------------------------------------------------------------------------
 
     @api.get("/health")

@@ -95,7 +95,9 @@ def serve_config(http_port: int) -> dict:
     config = yaml.safe_load((ROOT / "deploy" / "serve-config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     app = config["applications"][0]["args"]["config_dict"]
-    app["engine"] = {"kind": "sim", "kv_blocks": 96, "max_model_len": 1024}
+    # The model directory by its full path: replicas do not run in this checkout's directory.
+    app["engine"] = {"kind": "sim", "model": str(ROOT / "models" / "tiny-llama"), "kv_blocks": 96,
+                     "max_model_len": 1024}
     return config
 
 

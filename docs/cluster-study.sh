@@ -14,12 +14,12 @@ PARTS=${PARTS:-routing stale reserve control}
 JOBS=${JOBS:-2}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 SIM=".venv/bin/cacheopt sim --jobs $JOBS --no-progress"
-CONV_RATES=${CONV_RATES:-16,18,19,20,22}
+CONV_RATES=${CONV_RATES:-16,18,20,22}
 if want routing; then
   for n in ${SIZES:-1 4 16 64}; do
     $SIM --trace conv --replicas "$n" --rates "$CONV_RATES" --out "$OUT/conv-$n"
   done
-  $SIM --trace code --replicas 16 --rates 7,8,9,10,11 --out "$OUT/code-16"
+  $SIM --trace code --replicas 16 --rates 7,8,9,10 --out "$OUT/code-16"
   $SIM --trace alpaca --replicas 16 --rates 40,43,46,49 --out "$OUT/alpaca-16"
 fi
 if want stale; then

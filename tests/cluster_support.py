@@ -19,19 +19,20 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, *, password: str | None = None, start: bool = True):
+    def __init__(self, *, password: str | None = None, start: bool = True, host: str = "127.0.0.1"):
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
         self.port = free_port()
         self.password = password
+        self.host = host  # another loopback address (127.0.0.2) plays a machine of a multi-node test
         auth = f":{password}@" if password else ""
-        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.url = f"redis://{auth}{host}:{self.port}/0"
         self.process: subprocess.Popen | None = None
         if start:
             self.start()
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = ["redis-server", "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
@@ -54,7 +55,7 @@ class RedisServer:
     def client(self):
         import redis
 
-        return redis.Redis(port=self.port, password=self.password)
+        return redis.Redis(host=self.host, port=self.port, password=self.password)
 
 
 def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.1):

@@ -1,8 +1,9 @@
 """A real multi-node Ray cluster on loopback: a head and a worker node started with `ray
-start` (two raylets on this machine), one serving replica on each through a custom
-resource, Redis on the "head" reached by every node, leases and snapshots flowing across
-nodes; then the worker node dies (its raylet SIGKILLed, as a lost machine): its replica's
-traffic goes to the head's replica and its lease expires."""
+start` (two raylets on this machine, at the loopback addresses 127.0.0.2 and 127.0.0.3 as
+two machines would have two addresses), one serving replica on each through a custom
+resource, Redis on the "head" (127.0.0.2) reached by every node, leases and snapshots
+flowing across nodes; then the worker node dies (its raylet SIGKILLed, as a lost
+machine): its replica's traffic goes to the head's replica and its lease expires."""
 
 from __future__ import annotations
 
@@ -28,10 +29,17 @@ MODEL = "tiny-llama"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _ray_start(*args: str) -> None:
-    """A node of its own ports (two nodes on one machine must not share the agent's)."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    done = subprocess.run([RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # loopback, but not 127.0.0.1, which Ray rewrites
+
+
+def _ray_start(ip: str, *args: str) -> None:
+    """A node at `ip` with ports of its own (two nodes on one machine must not share the
+    agent's). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (tests/conftest.py) would refuse a second
+    node; with it on, Ray rewrites 127.0.0.1 (never 127.0.0.2) to the machine's address."""
+    # Token authentication off, explicitly: Ray 2.60 turns it on for a new head when
+    # ~/.ray/auth_token exists and off for a joining node (the ray up YAMLs set it on all).
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([RAY, "start", f"--node-ip-address={ip}", "--disable-usage-stats",
                            f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
                            *args], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -52,13 +60,15 @@ def two_nodes():
     from cluster.serve import deploy, shutdown, stop_ray_cluster
 
     gcs_port, worker_port, http_port = free_port(), free_port(), free_port()
-    redis_server = RedisServer()
+    redis_server = RedisServer(host=HEAD_IP)
     try:
-        _ray_start("--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=false",
+        _ray_start(HEAD_IP, "--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=false",
                    '--resources={"replica_slot": 1, "head": 1}')
-        _ray_start(f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2", f"--node-manager-port={worker_port}",
+        _ray_start(WORKER_IP, f"--address={HEAD_IP}:{gcs_port}", "--num-cpus=2", f"--node-manager-port={worker_port}",
                    '--resources={"replica_slot": 1, "worker": 1}')
-        config = load_config(port=http_port, ray_address=f"127.0.0.1:{gcs_port}", redis_url=redis_server.url,
+        ray.init(address=f"{HEAD_IP}:{gcs_port}", namespace="cacheopt", log_to_driver=False,
+                 _node_ip_address=HEAD_IP)  # this driver runs on the head's machine
+        config = load_config(port=http_port, ray_address=f"{HEAD_IP}:{gcs_port}", redis_url=redis_server.url,
                              replica_resources={"replica_slot": 1}, proxy_location="HeadOnly",
                              engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024})
         base = deploy(config, ready_timeout_s=180)
@@ -75,7 +85,7 @@ def two_nodes():
 
 
 def test_replicas_on_both_nodes_share_leases_and_snapshots_through_redis(two_nodes):
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    assert sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]) == [HEAD_IP, WORKER_IP]
     # Each node offers one replica slot and both are taken: one replica per node.
     assert ray.cluster_resources()["replica_slot"] == 2 and ray.available_resources().get("replica_slot", 0) == 0
     client = two_nodes["redis"].client()
