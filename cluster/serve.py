@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from cluster.config import ClusterConfig
 
@@ -17,13 +19,15 @@ def start_ray(config: ClusterConfig) -> None:
     import ray
 
     # Keep a local Ray on loopback; never on Redis's port 6379 (ray.init picks free ports).
+    # address="local": always a new Ray of our own, never one that `ray start` left named in
+    # /tmp/ray/ray_current_cluster (which ray.init() would join, or hang on if it is gone).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if ray.is_initialized():
         return
     if config.ray_address:
         ray.init(address=config.ray_address, namespace="cacheopt", log_to_driver=False)
     else:
-        ray.init(namespace="cacheopt", include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
 
 
@@ -95,6 +99,9 @@ def stop_ray_cluster(gcs_port: int) -> int:
             killed += 1
         except psutil.Error:
             continue
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # as `ray stop` removes it
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink(missing_ok=True)
     return killed
 
 

@@ -37,7 +37,7 @@ def cluster():
     port = free_port()
     config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url, router="kv",
                          engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024})
-    ray.init(namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.url}/v1/traces",
                                        "OTEL_BSP_SCHEDULE_DELAY": "100"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -117,6 +117,16 @@ def test_bad_input_gets_an_openai_error_and_the_server_stays_up(cluster, path, b
     error = response.json()["error"]
     assert error["param"] == param and error["message"] and "Traceback" not in response.text
     assert httpx.get(f"{cluster['base']}/health").status_code == 200
+
+
+def test_memory_report_counts_objects_for_an_operator(cluster):
+    """The deployment-handle diagnostic: a replica's RSS and its live Python objects by type."""
+    from ray import serve
+
+    report = serve.get_deployment_handle("LLMServer", app_name="cacheopt").memory_report.remote(5).result()
+    assert report["rss_bytes"] > 10 * 2**20 and report["objects"] > 1000
+    assert len(report["by_type"]) == 5 and "dict" in report["by_type"]
+    assert "allocations" not in report  # tracemalloc is off unless PYTHONTRACEMALLOC is set
 
 
 def test_overload_gets_429_with_retry_after(cluster):

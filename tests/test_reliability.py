@@ -55,7 +55,8 @@ def secured():
     config = load_config(port=port, redis_url=redis_server.url, api_keys=list(KEYS), trusted_api_keys=[TRUSTED_KEY],
                          metrics_require_key=True,
                          max_queued_requests=64, engine={"kind": "sim", "kv_blocks": 256, "max_model_len": 1024})
-    ray.init(namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config_dict": config.model_dump()}), name="cacheopt", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
