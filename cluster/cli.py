@@ -492,9 +492,7 @@ def _predictor_logo(args: argparse.Namespace, data_dir: Path) -> int:
         for f in result["figures"]:
             print(f"| {result['held_out']} | {f['confidence']:g} | {f['static_coverage']:.1%} | "
                   f"{f['online_coverage']:.1%} | {f['static_padding_tokens']:.0f} | {f['online_padding_tokens']:.0f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(f"results: {args.out}")
+    _save_results(args.out, results)
     return 0
 
 
@@ -659,10 +657,14 @@ def cmd_hostile(args: argparse.Namespace) -> int:
         result["large_bodies"] = asyncio.run(large_bodies(target, api_key=key, body_limit=limit,
                                                           duration_s=args.large_body_s))
         print(json.dumps(result["large_bodies"], indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"results: {args.out}")
+    _save_results(args.out, result)
     return 1 if bad else 0
+
+
+def _save_results(path: Path, result) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"results: {path}")
 
 
 def cmd_control_plane(args: argparse.Namespace) -> int:
@@ -707,9 +709,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         result["max_replicas"] = capacity / per_replica
         print(f"one Redis: {capacity:.0f} commands/s here -> {result['max_request_rate']:.0f} req/s at "
               f"{args.per_replica_rate:g} req/s per replica ({result['max_replicas']:.0f} replicas)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"results: {args.out}")
+    _save_results(args.out, result)
     return 0
 
 
@@ -731,12 +731,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
                     slow_share=args.slow, seed=args.seed)
     with tqdm(total=round(args.duration * args.rate), unit="req", disable=args.no_progress) as bar:
         result = asyncio.run(soak(target, spec, on_request=bar.update))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("sent", "client_outcomes", "ttft_s", "server", "books_balance",
                                              "aborts_match_cancellations", "cancelled_after_the_engine_finished",
                                              "idle", "rss_drift", "rss_growth_mb_per_min")}, indent=1))
-    print(f"results: {args.out}")
+    _save_results(args.out, result)
     idle = result["idle"]
     clean = (result["books_balance"] and result["cancelled_after_the_engine_finished"] >= 0
              and idle["in_flight"] == 0 and idle["kv_usage"] == 0)
