@@ -185,7 +185,8 @@ class _Router:
                 views.append(ReplicaView(snap, len(sent), True, self.request_blocks[i]))
             order = rank_by_headroom(views, now)
             choice = self._p2c() if order is None else order[0]
-        self.sent[choice].append(now)
+        if self.published:  # the KV rule charges what it sent since a snapshot; the others need no record
+            self.sent[choice].append(now)
         self.decision_s += time.perf_counter() - started
         return choice
 

@@ -116,15 +116,13 @@ def redis_load(redis_url: str, replicas: int, rounds: int = 20,
 @contextlib.contextmanager
 def scratch_redis() -> Iterator[str]:
     """A private redis-server on a free loopback port, for the measurement only."""
-    import socket
-
     import redis as redis_lib
+
+    from cluster.serve import free_port
 
     if shutil.which("redis-server") is None:
         raise ValueError("redis-server is not installed: give --redis-url, or install it (scripts/setup.sh does)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no"], stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -75,6 +76,13 @@ def shutdown() -> None:
     except Exception:  # noqa: BLE001 (already gone)
         pass
     ray.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for checks and tests that start servers)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def stop_ray_cluster(gcs_port: int) -> int:

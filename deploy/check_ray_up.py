@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,17 +38,11 @@ from pathlib import Path
 
 import yaml
 
-from cluster.serve import stop_ray_cluster
+from cluster.serve import free_port, stop_ray_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ssh_through_sshd_i(work: Path) -> dict:
@@ -114,7 +107,7 @@ def run(keep: bool = False) -> dict:
     (secrets_dir / "redis-password").write_text(secrets.token_hex(16))
     api_key = secrets.token_hex(16)
     (secrets_dir / "api-keys").write_text(api_key)
-    gcs_port, redis_port, http_port, dashboard_port = _free_port(), _free_port(), _free_port(), _free_port()
+    gcs_port, redis_port, http_port, dashboard_port = free_port(), free_port(), free_port(), free_port()
     cluster_file, serve_file = work / "cluster.yaml", work / "serve.yaml"
     cluster_file.write_text(yaml.safe_dump(cluster_yaml(work, secrets_dir, redis_port, gcs_port, dashboard_port)))
     serve_file.write_text(yaml.safe_dump(serve_config(http_port)))

@@ -5,17 +5,12 @@ tests; free ports; waiting for a condition; the global scheduler's view of the r
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.serve import free_port  # noqa: F401 (the tests import it from here)
 
 
 class RedisServer:
