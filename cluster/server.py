@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from cluster import diagnostics
 from cluster.config import ClusterConfig
 from cluster.metrics import LoopLagMonitor, ReplicaMetrics, render
 from cluster.openai_api import (
@@ -289,25 +290,10 @@ class LLMServer:
         async for ids in self.engine.generate(request_id, prompt_token_ids, max_tokens, extra):
             yield ids
 
-    def memory_report(self, top: int = 30) -> dict:
-        """For operators chasing memory (a deployment handle call, not HTTP): this
-        process's RSS, the live Python objects by type (the `top` most numerous), and, when
-        the process runs with PYTHONTRACEMALLOC, the allocation sites holding the most."""
-        import gc
-        import os
-        import tracemalloc
-        from collections import Counter
-
-        import psutil
-
-        gc.collect()
-        types = Counter(type(o).__qualname__ for o in gc.get_objects())
-        report: dict = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
-                        "objects": sum(types.values()), "by_type": dict(types.most_common(top))}
-        if tracemalloc.is_tracing():
-            stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
-            report["allocations"] = [(str(s.traceback), s.size, s.count) for s in stats]
-        return report
+    def memory_report(self, top: int = 30, holders_of: str | None = None) -> dict:
+        """For operators chasing memory (a deployment handle call, not HTTP): see
+        cluster.diagnostics.memory_report."""
+        return diagnostics.memory_report(top, holders_of)
 
     # -- HTTP -------------------------------------------------------------------------------------
 

@@ -120,13 +120,15 @@ def test_bad_input_gets_an_openai_error_and_the_server_stays_up(cluster, path, b
 
 
 def test_memory_report_counts_objects_for_an_operator(cluster):
-    """The deployment-handle diagnostic: a replica's RSS and its live Python objects by type."""
+    """The deployment-handle diagnostic: a replica's RSS, its live Python objects by type,
+    and what holds one kind of them (created before Serve froze the replica's startup objects)."""
     from ray import serve
 
-    report = serve.get_deployment_handle("LLMServer", app_name="cacheopt").memory_report.remote(5).result()
-    assert report["rss_bytes"] > 10 * 2**20 and report["objects"] > 1000
+    report = serve.get_deployment_handle("LLMServer", app_name="cacheopt").memory_report.remote(5, "ReplicaMetrics").result()
+    assert report["rss_bytes"] > 10 * 2**20 and report["objects"] > 0 and report["frozen_objects"] > 10_000
     assert len(report["by_type"]) == 5 and "dict" in report["by_type"]
     assert "allocations" not in report  # tracemalloc is off unless PYTHONTRACEMALLOC is set
+    assert report["holders"] and report["holders"][0][0].startswith("<cluster.metrics.ReplicaMetrics")
 
 
 def test_overload_gets_429_with_retry_after(cluster):

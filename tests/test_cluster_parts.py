@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -314,3 +315,51 @@ def test_snapshot_directories_of_dead_replicas_are_removed(tmp_path):
         (d / "kv-snapshot.json").write_text("{}")
     assert remove_orphaned_dirs(str(tmp_path)) == [str(dead)]
     assert mine.exists() and other.exists() and not dead.exists()
+
+
+BUFFERED_LOGGER_AFTER_DICTCONFIG = """
+import logging, logging.config, logging.handlers, sys, contextlib
+from replicas.engines.vllm import buffered_log_handlers_kept
+target = logging.FileHandler(sys.argv[1])
+buffered = logging.handlers.MemoryHandler(1, target=target, flushLevel=logging.ERROR)  # as Ray Serve's replica logger
+log = logging.getLogger("ray.serve")
+log.addHandler(buffered); log.setLevel(logging.INFO); log.propagate = False
+log.info("before")
+with buffered_log_handlers_kept() if sys.argv[2] == "kept" else contextlib.nullcontext():
+    logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})  # what vLLM does at its first engine
+for i in range(50):
+    log.info("request %d", i)
+print(len(buffered.buffer))
+"""
+
+
+@pytest.mark.parametrize("guard", ["kept", "none"])
+def test_a_replica_keeps_its_buffered_log_across_vllms_logging_set_up(tmp_path, guard):
+    """vLLM's dictConfig closes Ray Serve's buffering handler: unguarded, it keeps every
+    record after that (the replica's per-request leak) and writes none; guarded, it writes
+    them all and keeps none."""
+    import subprocess
+    import sys
+
+    log_file = tmp_path / "replica.log"
+    run = subprocess.run([sys.executable, "-c", BUFFERED_LOGGER_AFTER_DICTCONFIG, str(log_file), guard],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    kept, written = int(run.stdout), log_file.read_text().splitlines()
+    if guard == "kept":
+        assert kept == 0 and written == ["before"] + [f"request {i}" for i in range(50)]
+    else:
+        assert kept == 50 and written == ["before"]
+
+
+def test_holder_chains_name_what_keeps_objects_alive():
+    from cluster.diagnostics import holder_chains
+
+    class Kept:
+        pass
+
+    registry = {"kept": [Kept(), Kept()]}
+    chains = holder_chains(Kept.__qualname__, sample=2)
+    assert len(chains) == 2 and all(c[0].startswith("<") and "Kept" in c[0] for c in chains)
+    assert all(c[1] == "list len=2" and c[2].startswith("dict keys=['kept']") for c in chains)
+    del registry

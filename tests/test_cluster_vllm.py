@@ -129,6 +129,25 @@ def test_concurrent_requests_spread_over_both_replicas(cluster):
     assert len({replica for replica, _ in results}) == 2
 
 
+def test_replicas_log_each_request_and_keep_no_log_records(cluster):
+    """The access log of each request reaches its replica's Serve log file; none stays
+    behind in memory (vLLM's logging set-up once left each in a dead buffer)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name="cacheopt")
+    reports = {}
+    for _ in range(20):  # the handle picks a replica: ask until both answered
+        report = handle.memory_report.remote(500, "LogRecord").result()
+        reports[report["pid"]] = report
+    assert len(reports) == 2
+    # After the 16 requests above: at most a few records in flight, none kept.
+    assert all(r["by_type"].get("LogRecord", 0) < 5 for r in reports.values()), \
+        [(r["by_type"].get("LogRecord"), r["holders"]) for r in reports.values()]
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    served = [f.read_text().count("POST /v1/completions 200") for f in logs.glob("replica_cacheopt_LLMServer_*.log")]
+    assert sum(served) >= 16 and len([n for n in served if n]) == 2
+
+
 def test_health_is_not_ok_before_the_engines_are_warm(cluster):
     """`/health` answered nothing or 503 while the engines started; requests sent the
     moment it first said OK got their first token at once (the engines were warm), and so

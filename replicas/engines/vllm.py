@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import json
+import logging
+import logging.handlers
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from replicas.engine_settings import SHED_STOP_REASON, EngineSettings
@@ -62,13 +65,35 @@ def set_engine_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+@contextlib.contextmanager
+def buffered_log_handlers_kept() -> Iterator[None]:
+    """Around the creation of vLLM's first engine in a process: vLLM then sets up its
+    logging (`configure_logging_if_needed`) with `logging.config.dictConfig`, which closes
+    every handler the process already has. A
+    closed `MemoryHandler` loses its target and from then on keeps every record it gets
+    and writes none: in a Ray Serve replica, whose logger buffers through one, that is one
+    `LogRecord` kept per request served (about 2.8 KB; docs/RESULTS.md 6.3) and an access
+    log that stops. Each such handler gets its target back; a closed file handler reopens
+    on its next record."""
+    handlers = [ref() for ref in list(logging._handlerList)]  # type: ignore[attr-defined]
+    targets = [(h, h.target) for h in handlers if isinstance(h, logging.handlers.MemoryHandler) and h.target]
+    try:
+        yield
+    finally:
+        for handler, target in targets:
+            if handler.target is None:
+                handler.setTarget(target)
+                handler.flush()
+
+
 def start_async_engine(config: EngineConfig, scheduler_cls: str, settings: EngineSettings):
     config.check_model()
     set_engine_environment()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs(scheduler_cls, settings)))
+    with buffered_log_handlers_kept():
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs(scheduler_cls, settings)))
 
 
 def stop_engine(engine) -> None:
