@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from replicas.engines.config import EngineConfig
 from replicas.policies import SIMULATOR_ONLY, check_policy_names
@@ -39,6 +39,18 @@ class PolicyConfig(_Strict):
     # The global scheduler maps the arrival rate per replica, from low to high, onto p from p_max to p_min.
     rate_band_rps: tuple[float, float] = (8.0, 16.5)
     p_range: tuple[float, float] = (0.3, 0.9)
+    # Online calibration (predictor/online.py): once the deployment has finished this many
+    # requests, the global scheduler refits the length table on the last calibration_window
+    # of them and every engine switches to it. 0: the static table stays.
+    calibration_min_samples: int = Field(200, ge=0)
+    calibration_window: int = Field(2000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _window_holds_the_samples(self) -> PolicyConfig:
+        if self.calibration_min_samples > self.calibration_window:
+            raise ValueError(f"calibration_min_samples={self.calibration_min_samples} exceeds "
+                             f"calibration_window={self.calibration_window}")
+        return self
 
     @field_validator("name")
     @classmethod

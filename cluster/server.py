@@ -69,6 +69,7 @@ RANDOM_WEIGHTS_NOTE = "random weights (load_format=dummy): real compute and KV c
 HEALTH_CHECK_PERIOD_S = 2.0
 FAILURE_WINDOW_S = 10.0  # a replica that failed a request this recently ranks last in routing
 MAX_ARRIVALS_BUFFERED = 100_000  # arrivals between two reports to the global scheduler, bounded
+MAX_COMPLETIONS_BUFFERED = 2_000  # finished requests between two reports, for online calibration
 REQUEST_BLOCKS_SMOOTHING = 0.1
 WARM_UP_TIMEOUT_S = 600.0
 # Bodies above this are parsed and tokenized in a worker thread, so that one large prompt
@@ -79,8 +80,9 @@ PARSE_INLINE_BYTES = 16 * 1024
 def global_settings(config: ClusterConfig) -> dict:
     """What the global scheduler needs to know of the deployment."""
     p = config.policy
+    calibration = (p.calibration_min_samples, p.calibration_window) if p.calibration_min_samples else None
     return control_settings(replicas=config.replicas, p_range=p.p_range, rate_band_rps=p.rate_band_rps,
-                            reserve_fraction=p.reserve_fraction, redis_url=config.redis_url)
+                            reserve_fraction=p.reserve_fraction, redis_url=config.redis_url, calibration=calibration)
 
 
 class _ClosingStream(StreamingResponse):
@@ -99,10 +101,11 @@ class _ClosingStream(StreamingResponse):
 
 
 class _Progress:
-    __slots__ = ("arrival", "span", "rid", "prompt", "max_tokens", "tokens", "first_s", "closed")
+    __slots__ = ("arrival", "span", "rid", "prompt", "max_tokens", "slo", "tokens", "first_s", "closed")
 
-    def __init__(self, arrival: float, span, rid: str, prompt: int, max_tokens: int):
+    def __init__(self, arrival: float, span, rid: str, prompt: int, max_tokens: int, slo: str):
         self.arrival, self.span, self.rid, self.prompt, self.max_tokens = arrival, span, rid, prompt, max_tokens
+        self.slo = slo
         self.tokens, self.first_s, self.closed = 0, None, False
 
 
@@ -152,6 +155,7 @@ class LLMServer:
         self.in_flight = 0  # requests in the engine (the queue limit counts these)
         self.preparing = 0  # requests whose body is being read, parsed or tokenized
         self.arrivals: deque[float] = deque(maxlen=MAX_ARRIVALS_BUFFERED)
+        self.completions: deque[tuple[int, int, str]] = deque(maxlen=MAX_COMPLETIONS_BUFFERED)  # (prompt, output, slo)
         self.confidence = self.config.policy.confidence
         self.lease: Lease | None = None
         self.had_lease = False  # once it had one, an expired lease means a reserve of 0, not the engine's default
@@ -205,14 +209,16 @@ class LLMServer:
             except StoreUnavailable:
                 pass  # publish again when Redis is back; meanwhile the scheduler's reply carries the lease
             self.metrics.store_errors = sum(self.store.errors.values())
-        arrivals = list(self.arrivals)
+        arrivals, completions = list(self.arrivals), list(self.completions)
         self.arrivals.clear()  # sent once: a report that times out may still arrive, so no resend
+        self.completions.clear()
         try:
             scheduler = await self._scheduler()
             if self._scheduler_started_s is None:  # a redeploy's settings reach a scheduler that outlived the old deployment
                 await asyncio.wait_for(scheduler.configure.remote(global_settings(self.config)), 5.0)
             reply = await asyncio.wait_for(scheduler.report.remote(
-                self.replica_id, arrivals, snap_dict, self._metrics_dict(), self._engine_healthy()), 5.0)
+                self.replica_id, arrivals, snap_dict, self._metrics_dict(), self._engine_healthy(),
+                completions=completions, length_table_version=self.engine.length_table_version), 5.0)
         except Exception as error:  # noqa: BLE001 (serving goes on with the last p and lease)
             log.warning("global scheduler unavailable (%s); keeping p=%.2f", error, self.confidence)
             self._global, self._scheduler_started_s = None, None
@@ -224,6 +230,8 @@ class LLMServer:
         if (lease := reply["lease"]) is not None:
             self._take_lease(Lease(lease["blocks"], lease["epoch"], time.time() + lease["ttl_s"]))
         self._set_readiness(reply["ready_replicas"], reply["expected_replicas"])
+        if (table := reply.get("length_table")) is not None:  # online calibration's latest, new to us
+            await asyncio.to_thread(self.engine.use_length_table, table["version"], table["table"])
 
     def _take_lease(self, offered: Lease | None) -> None:
         self.lease = freshest_lease(self.lease, [offered], time.time())
@@ -406,7 +414,7 @@ class LLMServer:
     def _metrics_dict(self) -> dict:
         # The pid tells operators (and the fault tests) which process serves as this replica.
         return {**self.metrics.as_dict(), **self.loop_lag.as_dict(), "in_flight": self.in_flight + self.preparing,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "length_table_version": self.engine.length_table_version}
 
     def _refused(self, error: ApiError) -> JSONResponse:
         """A completion request refused before it reached the engine (4xx): counted."""
@@ -485,7 +493,7 @@ class LLMServer:
         self.metrics.on_request(len(ids))
         self.request_blocks += REQUEST_BLOCKS_SMOOTHING * (blocks_for(len(ids) + max_tokens, e.block_size)
                                                            - self.request_blocks)
-        state = _Progress(arrival, span, rid, len(ids), max_tokens)
+        state = _Progress(arrival, span, rid, len(ids), max_tokens, slo)
         stream = self.engine.generate(rid, ids, max_tokens, extra, sampling)
         headers = {"x-cacheopt-replica": self.replica_id}
         # The first tokens decide the status: a request the policy sheds gets 429, not a 200
@@ -612,6 +620,8 @@ class LLMServer:
         else:
             state.span.add_event("finished")
             self.metrics.on_finish(state.tokens)
+            if state.tokens:
+                self.completions.append((state.prompt, state.tokens, state.slo))
         self._close(state)
 
     def _close(self, state: _Progress) -> None:

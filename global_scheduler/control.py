@@ -2,11 +2,13 @@
 (global_scheduler/actor.py), the cluster simulator (bench/cluster_sim.py) calls it directly.
 
 Every serving replica reports to it twice a second: the arrivals it saw, its KV snapshot,
-its request counters and whether its engine is warm. It answers with the confidence p for
-the cluster's arrival rate, the replica's share of the KV reserve (written to Redis when
-configured, fenced by epoch) and how many replicas are ready. Its state is soft: after a
-restart it relearns the rate within one estimator window and the replicas within one
-report period.
+its request counters, whether its engine is warm, and the requests it finished. It answers
+with the confidence p for the cluster's arrival rate, the replica's share of the KV reserve
+(written to Redis when configured, fenced by epoch), how many replicas are ready, and the
+length table refitted on the deployment's completions when the replica lacks its latest
+version (online calibration, predictor/online.py). Its state is soft: after a restart it
+relearns the rate within one estimator window, the replicas within one report period and
+the table within `min_samples` completions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
 from global_scheduler.reserve import rebalance_reserve
 from global_scheduler.store import LEASE_TTL_S, RedisStore, StoreUnavailable
+from predictor.online import OnlineLengthTable
 from replicas.snapshot import KVSnapshot
 
 log = logging.getLogger("cacheopt.global_scheduler")
@@ -25,15 +28,19 @@ REPLICA_SILENT_S = 5.0  # a replica not heard from for this long is gone: no lea
 REDIS_RETRY_S = 2 * REPORT_PERIOD_S  # after a failed write: back within two exchanges of its return
 SPLIT_PERIOD_S = REPORT_PERIOD_S / 4  # the reserve is split anew at most this often
 WRITE_PERIOD_S = REPORT_PERIOD_S / 2  # and written to Redis at most this often (leases live LEASE_TTL_S)
+REFIT_PERIOD_S = 10.0  # the length table is refitted at most this often: each version goes to every replica
 
 
 def control_settings(*, replicas: int, p_range: tuple[float, float], rate_band_rps: tuple[float, float],
-                     reserve_fraction: float, redis_url: str | None = None) -> dict:
+                     reserve_fraction: float, redis_url: str | None = None,
+                     calibration: tuple[int, int] | None = None) -> dict:
     """ClusterControl's settings for a deployment of `replicas`: the confidence band is
-    per replica (RateTunedConfidence), the scheduler sees the cluster's rate."""
+    per replica (RateTunedConfidence), the scheduler sees the cluster's rate;
+    `calibration` is (min_samples, window) of the online length table, None for none."""
     low, high = (r * replicas for r in rate_band_rps)
     return {"p_min": p_range[0], "p_max": p_range[1], "low_rps": low, "high_rps": high,
-            "reserve_fraction": reserve_fraction, "redis_url": redis_url, "replicas": replicas}
+            "reserve_fraction": reserve_fraction, "redis_url": redis_url, "replicas": replicas,
+            "calibration": None if calibration is None else list(calibration)}
 
 
 class ClusterControl:
@@ -53,6 +60,9 @@ class ClusterControl:
         # reporting, both would cost O(N) each, O(N^2) per period (bench/control_plane.py).
         self.next_split_s = 0.0
         self.next_write_s = 0.0  # after a failed write, REDIS_RETRY_S later
+        self.lengths: OnlineLengthTable | None = None
+        self.length_table: dict | None = None  # the latest fit, numbered by self.lengths.version
+        self.next_refit_s = 0.0
         self.configure(settings)
 
     def configure(self, settings: dict) -> None:
@@ -65,9 +75,18 @@ class ClusterControl:
         if url != self.redis_url:
             self.store = RedisStore(url) if url else None
             self.redis_url = url
+        calibration = settings.get("calibration")
+        if calibration is None:
+            self.lengths, self.length_table = None, None
+        elif self.lengths is None or [self.lengths.min_samples, self.lengths.window] != list(calibration):
+            min_samples, window = calibration
+            self.lengths, self.length_table = OnlineLengthTable(min_samples=min_samples, window=window), None
 
     def report(self, replica: str, arrivals: list[float], snapshot: dict | None, metrics: dict,
-               ready: bool, now: float | None = None) -> dict:
+               ready: bool, now: float | None = None, completions: list | tuple = (),
+               length_table_version: int = 0) -> dict:
+        """`completions`: (prompt tokens, output tokens, SLO class) of the requests the
+        replica finished since its last report; `length_table_version`: the table it has."""
         now = time.time() if now is None else now
         for t in arrivals:
             self.rate.observe(t)
@@ -92,7 +111,23 @@ class ClusterControl:
                 "lease": None if lease is None else {"blocks": lease, "epoch": self.epoch, "ttl_s": LEASE_TTL_S},
                 "started_s": self.started_s,
                 "ready_replicas": sum(r["ready"] for r in live.values()),
-                "expected_replicas": self.settings["replicas"]}
+                "expected_replicas": self.settings["replicas"],
+                "length_table": self._length_table_for(length_table_version, completions, now)}
+
+    def _length_table_for(self, version: int, completions: list | tuple, now: float) -> dict | None:
+        """The latest length table, for a replica that has an older one (else None)."""
+        if self.lengths is None:
+            return None
+        self.lengths.observe_many(completions)
+        if now >= self.next_refit_s or self.length_table is None:
+            if (table := self.lengths.table()) is not None:
+                self.length_table = table
+                self.next_refit_s = now + REFIT_PERIOD_S
+        # Numbered from the start time, in ms: a restarted scheduler's tables come after its predecessor's.
+        latest = int(self.started_s * 1000) + self.lengths.version
+        if self.length_table is None or version >= latest:
+            return None
+        return {"version": latest, "table": self.length_table}
 
     def state(self, now: float | None = None) -> dict:
         """Everything the replicas last reported (for /metrics, tests and operators)."""
@@ -100,7 +135,9 @@ class ClusterControl:
         rate = self.rate.rate_rps(now)
         return {"confidence": self.tuner.confidence(rate), "arrival_rate_rps": rate, "leases": dict(self.leases),
                 "started_s": self.started_s, "replicas": self._live(now),
-                "expected_replicas": self.settings["replicas"]}
+                "expected_replicas": self.settings["replicas"],
+                "calibration": None if self.lengths is None else
+                {"samples": self.lengths.samples, "version": self.lengths.version}}
 
     def _live(self, now: float) -> dict[str, dict]:
         for name in [n for n, r in self.replicas.items() if now - r["seen_s"] > REPLICA_SILENT_S]:

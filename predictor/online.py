@@ -1,13 +1,20 @@
 """Online calibration: the served model is rarely the one the predictor was trained on, so
 the bound is refitted on the served model's own completions.
 
-`OnlineCalibration` keeps the last `window` (point estimate, true length) pairs of one
-deployment's finished requests and, from `min_samples` of them on, fits the same bound
-method on them (predictor.bounds.fit_bound); until then it has nothing and the static
-bound stays. The global scheduler runs one per deployment and sends the fitted bound to
-the replicas with p (global_scheduler/control.py). Split conformal keeps its guarantee
-here as long as the recent requests are exchangeable with the next ones; a drifting
-workload is what the window is for.
+Both refitters keep the last `window` completions of one deployment and, from
+`min_samples` of them on, refit every `refit_every` new ones; until then they have
+nothing and the static predictor stays.
+
+- `OnlineCalibration`, for a predictor with a point estimate (the text model): the same
+  bound method (predictor.bounds.fit_bound) on (point estimate, true length) pairs.
+- `OnlineLengthTable`, for the length-only table the serving engines use: the table
+  itself, refitted on (prompt tokens, output tokens, SLO class). The global scheduler
+  runs one per deployment and sends each new version to the replicas with p
+  (global_scheduler/control.py); their engines switch to it.
+
+Split conformal, and an empirical quantile, keep their guarantee here as long as the
+recent requests are exchangeable with the next ones; a drifting workload is what the
+window is for.
 
 `leave_one_generator_out` measures it on AlpacaEval: the text model is trained and its
 static bound calibrated without one generator's answers, then that generator is served.
@@ -22,46 +29,94 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from predictor.bounds import ResidualBound, fit_bound
+from predictor.length_quantile import LengthQuantilePredictor
 
 DEFAULT_WINDOW = 2000
 DEFAULT_MIN_SAMPLES = 200
 DEFAULT_REFIT_EVERY = 50  # completions between refits (a fit sorts the window)
 
 
-class OnlineCalibration:
+class _RefitWindow:
+    """The last `window` rows, and when a refit is due."""
+
+    def __init__(self, *, window: int, min_samples: int, refit_every: int):
+        if not 0 < min_samples <= window or refit_every < 1:
+            raise ValueError(f"need 0 < min_samples={min_samples} <= window={window} and refit_every >= 1")
+        self.min_samples, self.window, self.refit_every = min_samples, window, refit_every
+        self._rows: deque[tuple] = deque(maxlen=window)
+        self._since_fit = 0
+        self._fitted = False
+        self.version = 0  # increases with every refit: replicas take a fit once per version
+
+    @property
+    def samples(self) -> int:
+        return len(self._rows)
+
+    def _add(self, row: tuple) -> None:
+        self._rows.append(row)
+        self._since_fit += 1
+
+    def _refit_due(self) -> bool:
+        """True, counting a new version, when the window should be fitted now."""
+        if len(self._rows) < self.min_samples or (self._fitted and self._since_fit < self.refit_every):
+            return False
+        self._fitted, self._since_fit = True, 0
+        self.version += 1
+        return True
+
+
+class OnlineCalibration(_RefitWindow):
     def __init__(self, method: str = "conformal", *, window: int = DEFAULT_WINDOW,
                  min_samples: int = DEFAULT_MIN_SAMPLES, refit_every: int = DEFAULT_REFIT_EVERY,
                  num_buckets: int = 4):
-        if not 0 < min_samples <= window or refit_every < 1:
-            raise ValueError(f"need 0 < min_samples={min_samples} <= window={window} and refit_every >= 1")
-        self.method, self.min_samples, self.refit_every, self.num_buckets = method, min_samples, refit_every, num_buckets
-        self._pairs: deque[tuple[float, float]] = deque(maxlen=window)
-        self._since_fit = 0
+        super().__init__(window=window, min_samples=min_samples, refit_every=refit_every)
+        self.method, self.num_buckets = method, num_buckets
         self._bound: ResidualBound | None = None
-        self.version = 0  # increases with every refit: replicas take a bound once per version
 
     def observe(self, point: float, true: float) -> None:
         if point >= 1 and true >= 1 and math.isfinite(point) and math.isfinite(true):
-            self._pairs.append((point, true))
-            self._since_fit += 1
+            self._add((point, true))
 
     def observe_many(self, pairs: Sequence[Sequence[float]]) -> None:
         for point, true in pairs:
             self.observe(point, true)
 
-    @property
-    def samples(self) -> int:
-        return len(self._pairs)
-
     def bound(self) -> ResidualBound | None:
         """The bound fitted on the recent completions; None before `min_samples`."""
-        if len(self._pairs) >= self.min_samples and (self._bound is None or self._since_fit >= self.refit_every):
-            points, truths = zip(*self._pairs, strict=True)
-            buckets = max(1, min(self.num_buckets, len(self._pairs) // 50))  # >= 50 per bucket: p = 0.95 certifiable
+        if self._refit_due():
+            points, truths = zip(*self._rows, strict=True)
+            buckets = max(1, min(self.num_buckets, len(self._rows) // 50))  # >= 50 per bucket: p = 0.95 certifiable
             self._bound = fit_bound(self.method, points, truths, num_buckets=buckets)
-            self._since_fit = 0
-            self.version += 1
         return self._bound
+
+
+class OnlineLengthTable(_RefitWindow):
+    """The serving engines' length-only table (predictor/length_quantile.py), refitted on
+    the served model's completions. A request cut off by its max_tokens counts at the
+    length it was allowed: the table learns lengths as served, which is low for a later
+    request allowed more (its conditional bound then grows it)."""
+
+    def __init__(self, *, window: int = DEFAULT_WINDOW, min_samples: int = DEFAULT_MIN_SAMPLES,
+                 refit_every: int = DEFAULT_REFIT_EVERY):
+        super().__init__(window=window, min_samples=min_samples, refit_every=refit_every)
+        self._table: dict | None = None
+
+    def observe(self, prompt_tokens: int, output_tokens: int, slo: str) -> None:
+        if isinstance(prompt_tokens, int) and isinstance(output_tokens, int) and output_tokens >= 1 \
+                and prompt_tokens >= 0 and isinstance(slo, str):
+            self._add((prompt_tokens, output_tokens, slo))
+
+    def observe_many(self, rows: Sequence[Sequence]) -> None:
+        for row in rows:
+            if len(row) == 3:
+                self.observe(*row)
+
+    def table(self) -> dict | None:
+        """The table fitted on the recent completions (LengthQuantilePredictor.to_dict),
+        None before `min_samples`; `version` numbers it."""
+        if self._refit_due():
+            self._table = LengthQuantilePredictor.fit(self._rows, min_samples=min(50, self.min_samples)).to_dict()
+        return self._table
 
 
 @dataclass(frozen=True)

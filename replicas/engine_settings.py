@@ -11,6 +11,7 @@ keys prefixed `cacheopt_` so that they never clash with vLLM's own.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,9 @@ XARG_POINT = "cacheopt_point_tokens"  # a prediction made upstream (e.g. from th
 XARG_BOUND = "cacheopt_bound_tokens"  # ... and its bound U_p; both or neither
 XARG_RESERVE = "cacheopt_reserve_blocks"  # the replica's global-reserve lease, from the global scheduler
 XARG_TRACEPARENT = "cacheopt_traceparent"  # W3C trace context: the engine's span joins the request's trace
+XARG_LENGTH_TABLE = "cacheopt_length_table"  # version of the table at EngineSettings.length_table_path
+
+log = logging.getLogger("cacheopt.engine_settings")
 
 # stop_reason of a request the policy shed (refused after a bounded wait, before any token):
 # finish_reason is `abort`; the serving layer answers 429 with Retry-After.
@@ -52,6 +56,9 @@ class EngineSettings:
     check_invariants: bool = False  # compare the ledger with vLLM's block pool every step
     step_log: str | None = None  # JSON-lines file: one row per step (shape, timing, decisions)
     snapshot_path: str | None = None  # JSON file the adapter keeps a fresh KVSnapshot in (the router reads it)
+    # A length-quantile table the serving replica rewrites as online calibration refits it;
+    # the engine loads it when a request carries a newer version (XARG_LENGTH_TABLE).
+    length_table_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_slo not in self.slo_classes:
@@ -114,6 +121,11 @@ class ForwardedPredictor:
     def __init__(self, base: OutputLengthPredictor):
         self.base = base
         self.name = f"forwarded+{base.name}"
+        self.table_version = 0  # of the online-calibrated table in `base`; 0: the static one
+
+    def use_table(self, base: OutputLengthPredictor, version: int) -> None:
+        """Online calibration's refitted table replaces the base from now on."""
+        self.base, self.table_version = base, version
 
     def predict(self, request, confidence: float) -> LengthPrediction:
         forwarded = getattr(request, "forwarded_prediction", None)
@@ -136,6 +148,7 @@ class RequestHints:
     forwarded_prediction: tuple[int, int] | None = None
     reserve_blocks: int | None = None
     traceparent: str | None = None
+    length_table: int | None = None  # the version of the calibrated table the replica has written
 
     @classmethod
     def parse(cls, extra_args: dict | None, settings: EngineSettings, *, max_tokens: int) -> tuple[RequestHints, list[str]]:
@@ -175,13 +188,27 @@ class RequestHints:
         if traceparent is not None and not isinstance(traceparent, str):
             problems.append(f"{XARG_TRACEPARENT} must be a string")
             traceparent = None
+        table = extra.get(XARG_LENGTH_TABLE)
+        if table is not None and not (isinstance(table, int) and not isinstance(table, bool) and table >= 1):
+            problems.append(f"{XARG_LENGTH_TABLE}={table!r} must be an integer >= 1")
+            table = None
         return cls(slo, cap, None if confidence is None else float(confidence), forwarded, reserve,
-                   traceparent), problems
+                   traceparent, table), problems
 
 
-def apply_control(core, hints: RequestHints) -> None:
-    """The global scheduler's knobs that a request carries: p and the reserve lease."""
+def apply_control(core, hints: RequestHints, settings: EngineSettings) -> None:
+    """The global scheduler's knobs that a request carries: p, the reserve lease and the
+    version of the online-calibrated length table."""
     if hints.confidence is not None and hasattr(core.policy, "set_confidence"):
         core.policy.set_confidence(hints.confidence)
     if hints.reserve_blocks is not None:
         core.ledger.set_reserve_target(min(hints.reserve_blocks, core.ledger.total_blocks - 1))
+    predictor = getattr(core.policy, "predictor", None)
+    if (hints.length_table is not None and settings.length_table_path and isinstance(predictor, ForwardedPredictor)
+            and hints.length_table > predictor.table_version):
+        try:
+            table: OutputLengthPredictor = LengthQuantilePredictor.load(Path(settings.length_table_path))
+        except ValueError as error:  # keep the table in use; inside the engine an exception would stop serving
+            log.error("online calibration: %s", error)
+            table = predictor.base
+        predictor.use_table(table, hints.length_table)

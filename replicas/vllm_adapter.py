@@ -355,7 +355,7 @@ class CacheOptScheduler(_Timed, Scheduler):
         if problems:
             logger.warning("request %s: ignoring bad CacheOPT hints: %s", request.request_id, "; ".join(problems))
         super().add_request(request)
-        apply_control(self.core, hints)
+        apply_control(self.core, hints, self.settings)
         mirror = Request(request_id=request.request_id, arrival_s=request.arrival_time,
                          prompt_tokens=request.num_prompt_tokens,
                          max_tokens=max(1, min(hints.max_tokens, self.max_model_len - request.num_prompt_tokens)),

@@ -36,7 +36,8 @@ def cluster():
     redis_server = RedisServer()
     port = free_port()
     config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url, router="kv",
-                         engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024})
+                         engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024},
+                         policy={"calibration_min_samples": 20})
     ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.url}/v1/traces",
                                        "OTEL_BSP_SCHEDULE_DELAY": "100"}})
@@ -198,6 +199,21 @@ def test_confidence_from_the_global_scheduler_reaches_the_replicas(cluster):
     assert wait_for(lambda: {s["confidence"] for s in replica_snapshots().values()} == {p}, timeout_s=3)
 
 
+def test_online_calibration_reaches_every_replicas_engine(cluster):
+    """Once the deployment has finished calibration_min_samples requests, the length table
+    the global scheduler refitted on them is in use in every replica's engine (and stays
+    there when the scheduler restarts, next test)."""
+    for _ in range(cluster["config"].policy.calibration_min_samples // 6 + 1):
+        assert all(r.status_code == 200 for r in concurrent_completions(cluster, 6))
+
+    def calibrated() -> bool:
+        state = scheduler_state()
+        versions = [r["metrics"]["length_table_version"] for r in state["replicas"].values()]
+        return state["calibration"]["version"] >= 1 and len(versions) == 2 and all(versions)
+
+    assert wait_for(calibrated, timeout_s=5), scheduler_state()["calibration"]
+
+
 def test_serving_goes_on_when_the_global_scheduler_dies(cluster):
     from global_scheduler.actor import GLOBAL_SCHEDULER, NAMESPACE
 
@@ -210,6 +226,7 @@ def test_serving_goes_on_when_the_global_scheduler_dies(cluster):
         time.sleep(0.3)
     assert scheduler_state()["started_s"] > started
     assert wait_for(lambda: len(scheduler_state()["replicas"]) == 2, timeout_s=5)  # relearned within a report
+    assert all(r["metrics"]["length_table_version"] for r in scheduler_state()["replicas"].values())
 
 
 def test_each_request_is_one_trace(cluster):

@@ -285,6 +285,69 @@ def test_global_scheduler_counts_ready_replicas_and_leases_only_live_ones():
     assert control.state(now=200.0)["confidence"] == 0.8  # no arrivals for a while: p_max
 
 
+def test_global_scheduler_refits_the_length_table_and_hands_each_replica_the_latest_once():
+    from global_scheduler.control import REFIT_PERIOD_S, ClusterControl
+
+    control = ClusterControl(control_settings(calibration=[20, 100]))
+    reply = control.report("a", [], None, {}, True, now=100.0, completions=[(10, 300, "chat")] * 19)
+    assert reply["length_table"] is None  # 19 < 20 completions: the static table stays
+    reply = control.report("a", [], None, {}, True, now=100.1, completions=[(10, 320, "chat")])
+    table = reply["length_table"]
+    assert table is not None and table["version"] > 0 and table["table"]["kind"] == "length-quantile"
+    assert control.report("a", [], None, {}, True, now=100.2, length_table_version=table["version"])["length_table"] is None
+    other = control.report("b", [], None, {}, True, now=100.3)["length_table"]
+    assert other == table  # a replica without it gets the same version
+    # Refits at most every REFIT_PERIOD_S, numbered upwards.
+    more = control.report("a", [], None, {}, True, now=100.4, completions=[(10, 50, "chat")] * 60,
+                          length_table_version=table["version"])
+    assert more["length_table"] is None
+    later = control.report("a", [], None, {}, True, now=100.4 + REFIT_PERIOD_S, length_table_version=table["version"])
+    assert later["length_table"]["version"] > table["version"]
+    assert control.state(now=111.0)["calibration"] == {"samples": 80, "version": 2}
+    # A restarted scheduler's tables come after its predecessor's.
+    restarted = ClusterControl(control_settings(calibration=[20, 100]))
+    restarted.started_s = control.started_s + 1
+    fresh = restarted.report("a", [], None, {}, True, now=200.0, completions=[(10, 300, "chat")] * 20,
+                             length_table_version=later["length_table"]["version"])
+    assert fresh["length_table"]["version"] > later["length_table"]["version"]
+    # Off: no table, ever.
+    off = ClusterControl(control_settings())
+    assert off.report("a", [], None, {}, True, now=1.0, completions=[(10, 300, "chat")] * 500)["length_table"] is None
+
+
+def test_an_engine_switches_to_a_newer_length_table_a_request_names(tmp_path, caplog):
+    """apply_control inside the engine (vLLM adapter and simulated engine alike): a request
+    carrying a newer table version makes the policy's predictor load the replica's file;
+    an older or equal version changes nothing, an unreadable file keeps the table in use."""
+    from predictor.length_quantile import LengthQuantilePredictor
+    from replicas.engine_settings import XARG_LENGTH_TABLE, EngineSettings, RequestHints, apply_control
+    from replicas.scheduler import build_scheduler
+
+    path = tmp_path / "length-table.json"
+    settings = EngineSettings(length_table_path=str(path))
+    core = build_scheduler(settings.build_policy(), total_blocks=64)
+    static = core.policy.predictor.base
+    LengthQuantilePredictor.fit([(10, 300)] * 60).save(path)
+
+    def request(version):
+        hints, problems = RequestHints.parse({XARG_LENGTH_TABLE: version}, settings, max_tokens=1000)
+        apply_control(core, hints, settings)
+        return problems
+
+    assert request(3) == [] and core.policy.predictor.table_version == 3
+    served = core.policy.predictor.base
+    assert served is not static and served.predict(SimpleNamespace(prompt_tokens=10, max_tokens=1000,
+                                                                   slo=SimpleNamespace(name="chat")), 0.9).bound_tokens == 300
+    request(2)
+    assert core.policy.predictor.base is served  # older: ignored
+    path.write_text("{not json")
+    with caplog.at_level("ERROR"):
+        request(4)
+    assert core.policy.predictor.base is served and core.policy.predictor.table_version == 4  # no reload per request
+    assert "online calibration" in caplog.text
+    assert request(0) and request("7")  # malformed versions are problems, not crashes
+
+
 def test_streamed_text_keeps_characters_split_over_tokens_whole():
     from pathlib import Path
 

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from predictor.online import OnlineCalibration, leave_one_generator_out
+from predictor.length_quantile import LengthQuantilePredictor
+from predictor.online import OnlineCalibration, OnlineLengthTable, leave_one_generator_out
 
 
 def test_no_bound_before_enough_completions_then_one_per_refit():
@@ -54,3 +55,30 @@ def test_leave_one_generator_out_reaches_p_where_the_static_bound_falls_short():
         assert abs(figure["online_coverage"] - figure["confidence"]) <= 0.025, figure
     with pytest.raises(ValueError, match="unknown generator"):
         leave_one_generator_out("gpt-2")
+
+
+class _Req:
+    def __init__(self, prompt_tokens: int, max_tokens: int = 4096, slo: str = "chat"):
+        self.prompt_tokens, self.max_tokens = prompt_tokens, max_tokens
+        self.slo = type("Slo", (), {"name": slo})()
+
+
+def test_the_length_table_is_refitted_on_the_served_lengths():
+    """A served model that writes 300-400 tokens where the static table expects far fewer:
+    from min_samples on, the table's bound at p is the served lengths' p-quantile."""
+    online = OnlineLengthTable(min_samples=100, refit_every=50, window=500)
+    rng = random.Random(1)
+    for _ in range(99):
+        online.observe(rng.randint(10, 100), rng.randint(300, 400), "chat")
+    assert online.table() is None and online.version == 0
+    online.observe(50, 350, "chat")
+    table = LengthQuantilePredictor.from_dict(online.table())
+    assert online.version == 1 and online.table() is not None and online.version == 1  # no refit until 50 more
+    bound = table.predict(_Req(50), 0.9).bound_tokens
+    assert 380 <= bound <= 400
+    for _ in range(50):
+        online.observe(50, 20, "chat")  # the workload changes: refitted on the window
+    assert online.table() is not None and online.version == 2
+    for row in [(-1, 5, "chat"), (5, 0, "chat"), (5, 5), (5.5, 5, "chat"), (5, 5, None)]:
+        online.observe_many([row])
+    assert online.samples == 150  # malformed rows ignored

@@ -4,6 +4,8 @@
         -> async iterator of new token ids, one list per engine step
     snapshot() -> KVSnapshot | None      the replica's KV state, for routing and the reserve
     check_health() -> None               raises EngineDead when the engine can serve no more
+    use_length_table(version, table)     online calibration's refitted length table, from now on
+    length_table_version: int            the version in use (0: the static table)
     shutdown()                           stops it and every process it started
 
 Two implementations: `vllm` (a real vLLM engine with the CacheOPT adapter as its scheduler)
@@ -50,6 +52,10 @@ class ServingEngine(Protocol):
     def snapshot(self) -> KVSnapshot | None: ...
 
     def check_health(self) -> None: ...
+
+    length_table_version: int
+
+    def use_length_table(self, version: int, table: dict) -> None: ...
 
     async def shutdown(self) -> None: ...
 

@@ -8,7 +8,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from replicas.engine_settings import EngineSettings, RequestHints, apply_control
+from predictor.length_quantile import LengthQuantilePredictor
+from replicas.engine_settings import EngineSettings, ForwardedPredictor, RequestHints, apply_control
 from replicas.engines import EngineDead, RequestShed
 from replicas.engines.config import EngineConfig
 from replicas.latency import get_latency_model
@@ -40,12 +41,20 @@ class SimServingEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._failure: BaseException | None = None  # why the step loop died: the engine serves no more
+        self.length_table_version = 0
+
+    def use_length_table(self, version: int, table: dict) -> None:
+        """In this process: the policy's predictor switches at once."""
+        predictor = getattr(self.core.policy, "predictor", None)
+        if isinstance(predictor, ForwardedPredictor):
+            predictor.use_table(LengthQuantilePredictor.from_dict(table), version)
+        self.length_table_version = version
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
                        extra_args: dict, sampling: dict | None = None) -> AsyncIterator[list[int]]:
         self.check_health()
         hints, _ = RequestHints.parse(extra_args, self.settings, max_tokens=max_tokens)
-        apply_control(self.core, hints)
+        apply_control(self.core, hints, self.settings)
         prompt = len(prompt_token_ids)
         mirror = Request(request_id, time.time(), prompt, max(1, min(hints.max_tokens, self.max_model_len - prompt)),
                          hints.slo, true_output_tokens=max_tokens, forwarded_prediction=hints.forwarded_prediction)

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from replicas.engine_settings import SHED_STOP_REASON, EngineSettings
+from replicas.engine_settings import SHED_STOP_REASON, XARG_LENGTH_TABLE, EngineSettings
 from replicas.engines import EngineDead, RequestShed
 from replicas.engines.config import EngineConfig
 from replicas.snapshot import KVSnapshot
@@ -106,7 +106,8 @@ def stop_engine(engine) -> None:
 
 class VllmServingEngine:
     """A real vLLM engine with the CacheOPT adapter as its scheduler; the adapter publishes
-    KV snapshots to a file this object reads."""
+    KV snapshots to a file this object reads, and reads the calibrated length table from a
+    file this object writes (it reloads when a request carries a newer version)."""
 
     def __init__(self, config: EngineConfig, settings: EngineSettings):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
@@ -114,7 +115,10 @@ class VllmServingEngine:
         remove_orphaned_dirs()
         self._dir = tempfile.TemporaryDirectory(prefix=f"{SNAPSHOT_DIR_PREFIX}{os.getpid()}-")
         self._snapshot_path = Path(self._dir.name) / "kv-snapshot.json"
-        settings = dataclasses.replace(settings, snapshot_path=str(self._snapshot_path))
+        self._length_table_path = Path(self._dir.name) / "length-table.json"
+        self.length_table_version = 0
+        settings = dataclasses.replace(settings, snapshot_path=str(self._snapshot_path),
+                                       length_table_path=str(self._length_table_path))
         self.engine = start_async_engine(config, ADAPTER_CLS, settings)
         # The engine core runs in a child process; make sure it goes when this process does.
         self._engine_processes = _engine_core_processes()
@@ -126,6 +130,8 @@ class VllmServingEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        if self.length_table_version:
+            extra_args = {**extra_args, XARG_LENGTH_TABLE: self.length_table_version}
         params = SamplingParams(max_tokens=max_tokens, detokenize=False, output_kind=RequestOutputKind.DELTA,
                                 extra_args=extra_args, **(sampling or {}))
         # Cancelling this generator (a client that left) makes vLLM abort the request. With
@@ -140,6 +146,13 @@ class VllmServingEngine:
             ids = list(completion.token_ids)
             if ids:
                 yield ids
+
+    def use_length_table(self, version: int, table: dict) -> None:
+        """Written whole before any request names its version (the engine may read it any time)."""
+        partial = self._length_table_path.with_suffix(".partial")
+        partial.write_text(json.dumps(table))
+        os.replace(partial, self._length_table_path)
+        self.length_table_version = version
 
     def snapshot(self) -> KVSnapshot | None:
         try:
