@@ -18,8 +18,9 @@ def memory_report(top: int = 30, holders_of: str | None = None) -> dict:
     Ray Serve freezes a replica's objects once it has started (gc.freeze, to shorten
     collections): `objects` and `by_type` count only those made since, which is where
     growth shows, and `frozen_objects` the rest. The holder search must see frozen
-    holders too, so it unfreezes and freezes again: what is live at that moment stays
-    out of later collections, as the startup objects are (a few KB, once per call)."""
+    holders too, so it unfreezes and freezes again: what is live at that moment is frozen
+    with the startup objects, and if it later becomes cyclic garbage it is not collected
+    (a diagnostic to call now and then, not per request)."""
     import psutil
 
     gc.collect()
@@ -42,8 +43,9 @@ def memory_report(top: int = 30, holders_of: str | None = None) -> dict:
 
 
 def holder_chains(type_name: str, sample: int = 3, depth: int = 6) -> list[list[str]]:
-    """For the `sample` most recently created live objects whose type is named `type_name`,
-    the chain of objects referring to each, nearest first, as short descriptions.
+    """For the `sample` most recently created live objects whose type is named `type_name`:
+    the object's repr, then the chain of objects holding it, nearest first, described
+    briefly.
 
     Each step follows the first referrer that is not this search's own bookkeeping; a
     chain ends at a module, a class, a frame (shown with its code's place) or an object

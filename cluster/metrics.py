@@ -25,6 +25,8 @@ CACHEOPT_COUNTERS = {
     "reserve_draw_blocks": ("cacheopt_reserve_draw_blocks_total", "blocks drawn from the global reserve", {}),
     "preempt_recompute": ("cacheopt_preemptions_total", "preemptions by mode", {"mode": "recompute"}),
     "preempt_swap": ("cacheopt_preemptions_total", "preemptions by mode", {"mode": "swap"}),
+    "length_table_switches": ("cacheopt_length_table_switches_total", "times the engine switched to a length "
+                              "table refitted on the served completions (online calibration)", {}),
     "abort": ("cacheopt_engine_aborts_total", "requests the engine aborted before their end (client left, stop "
               "sequence)", {}),
 }

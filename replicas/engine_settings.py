@@ -212,3 +212,4 @@ def apply_control(core, hints: RequestHints, settings: EngineSettings) -> None:
             log.error("online calibration: %s", error)
             table = predictor.base
         predictor.use_table(table, hints.length_table)
+        core.counters["length_table_switches"] += 1

@@ -335,6 +335,7 @@ def test_an_engine_switches_to_a_newer_length_table_a_request_names(tmp_path, ca
         return problems
 
     assert request(3) == [] and core.policy.predictor.table_version == 3
+    assert core.counters["length_table_switches"] == 1
     served = core.policy.predictor.base
     assert served is not static and served.predict(SimpleNamespace(prompt_tokens=10, max_tokens=1000,
                                                                    slo=SimpleNamespace(name="chat")), 0.9).bound_tokens == 300

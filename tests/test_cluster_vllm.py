@@ -15,6 +15,7 @@ import psutil
 import pytest
 import ray
 import vllm  # noqa: F401 (a missing vLLM fails collection, never skips)
+from cluster_support import replica_snapshots, scheduler_state, wait_for  # noqa: E402
 
 from cluster.config import load_config  # noqa: E402
 
@@ -42,7 +43,7 @@ def cluster():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = load_config(port=port, engine={"model": str(MODEL_DIR), "kv_blocks": 64, "max_model_len": 1024,
-                                            "max_num_seqs": 16})
+                                            "max_num_seqs": 16}, policy={"calibration_min_samples": 10})
     # /health while the cluster starts, polled from another thread: (seconds since start, status or None);
     # at its first 200, two requests at once, timed to their first token (a cold engine takes tens of seconds).
     started, health, stop, at_first_ok = time.time(), [], threading.Event(), []
@@ -110,7 +111,8 @@ def test_completions_through_real_engines(cluster):
     deadline = time.time() + 10  # one engine core per replica (a process scan can race a title change)
     while len(engine_processes()) != 2 and time.time() < deadline:
         time.sleep(0.5)
-    assert len(engine_processes()) == 2
+    assert len(engine_processes()) == 2, [(p.pid, p.ppid(), p.name()) for p in psutil.process_iter()
+                                           if p.name().startswith(("VLLM", "ray::Serve"))]
 
 
 def test_concurrent_requests_spread_over_both_replicas(cluster):
@@ -146,6 +148,19 @@ def test_replicas_log_each_request_and_keep_no_log_records(cluster):
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     served = [f.read_text().count("POST /v1/completions 200") for f in logs.glob("replica_cacheopt_LLMServer_*.log")]
     assert sum(served) >= 16 and len([n for n in served if n]) == 2
+
+
+def test_online_calibration_reaches_the_engines(cluster):
+    """After calibration_min_samples completions (the tests above served more), each
+    replica wrote the refitted length table and its engine core switched to it at the next
+    request that named the version."""
+    def switched() -> bool:
+        cluster["client"].completions.create(model="tiny-llama", prompt="calibrated?", max_tokens=2)
+        state = scheduler_state()
+        return (len(state["replicas"]) == 2 and all(r["metrics"]["length_table_version"] for r in state["replicas"].values())
+                and all(s["counters"].get("length_table_switches") for s in replica_snapshots().values()))
+
+    assert wait_for(switched, timeout_s=20, step_s=0.5), scheduler_state()["calibration"]
 
 
 def test_health_is_not_ok_before_the_engines_are_warm(cluster):

@@ -48,6 +48,7 @@ class SimServingEngine:
         predictor = getattr(self.core.policy, "predictor", None)
         if isinstance(predictor, ForwardedPredictor):
             predictor.use_table(LengthQuantilePredictor.from_dict(table), version)
+            self.core.counters["length_table_switches"] += 1
         self.length_table_version = version
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
