@@ -231,7 +231,9 @@ class LLMServer:
             self._take_lease(Lease(lease["blocks"], lease["epoch"], time.time() + lease["ttl_s"]))
         self._set_readiness(reply["ready_replicas"], reply["expected_replicas"])
         if (table := reply.get("length_table")) is not None:  # online calibration's latest, new to us
-            await asyncio.to_thread(self.engine.use_length_table, table["version"], table["table"])
+            # On the event loop, between steps: the simulated engine's policy runs on this loop and
+            # must not change under it (a ~20 KB file write for vLLM's engine).
+            self.engine.use_length_table(table["version"], table["table"])
 
     def _take_lease(self, offered: Lease | None) -> None:
         self.lease = freshest_lease(self.lease, [offered], time.time())
