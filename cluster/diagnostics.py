@@ -69,7 +69,6 @@ def holder_chains(type_name: str, sample: int = 3, depth: int = 6) -> list[list[
             if isinstance(obj, (types.ModuleType, type, types.FrameType)):
                 break
         chains.append(chain)
-    del found
     return chains
 
 

@@ -61,7 +61,6 @@ class ClusterControl:
         self.next_split_s = 0.0
         self.next_write_s = 0.0  # after a failed write, REDIS_RETRY_S later
         self.lengths: OnlineLengthTable | None = None
-        self.length_table: dict | None = None  # the latest fit, numbered by self.lengths.version
         self.next_refit_s = 0.0
         self.configure(settings)
 
@@ -77,10 +76,10 @@ class ClusterControl:
             self.redis_url = url
         calibration = settings.get("calibration")
         if calibration is None:
-            self.lengths, self.length_table = None, None
+            self.lengths = None
         elif self.lengths is None or [self.lengths.min_samples, self.lengths.window] != list(calibration):
             min_samples, window = calibration
-            self.lengths, self.length_table = OnlineLengthTable(min_samples=min_samples, window=window), None
+            self.lengths = OnlineLengthTable(min_samples=min_samples, window=window)
 
     def report(self, replica: str, arrivals: list[float], snapshot: dict | None, metrics: dict,
                ready: bool, now: float | None = None, completions: list | tuple = (),
@@ -119,15 +118,13 @@ class ClusterControl:
         if self.lengths is None:
             return None
         self.lengths.observe_many(completions)
-        if now >= self.next_refit_s or self.length_table is None:
-            if (table := self.lengths.table()) is not None:
-                self.length_table = table
-                self.next_refit_s = now + REFIT_PERIOD_S
+        if (now >= self.next_refit_s or self.lengths.latest is None) and self.lengths.table() is not None:
+            self.next_refit_s = now + REFIT_PERIOD_S
         # Numbered from the start time, in ms: a restarted scheduler's tables come after its predecessor's.
         latest = int(self.started_s * 1000) + self.lengths.version
-        if self.length_table is None or version >= latest:
+        if self.lengths.latest is None or version >= latest:
             return None
-        return {"version": latest, "table": self.length_table}
+        return {"version": latest, "table": self.lengths.latest}
 
     def state(self, now: float | None = None) -> dict:
         """Everything the replicas last reported (for /metrics, tests and operators)."""

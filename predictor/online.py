@@ -45,7 +45,6 @@ class _RefitWindow:
         self.min_samples, self.window, self.refit_every = min_samples, window, refit_every
         self._rows: deque[tuple] = deque(maxlen=window)
         self._since_fit = 0
-        self._fitted = False
         self.version = 0  # increases with every refit: replicas take a fit once per version
 
     @property
@@ -58,9 +57,9 @@ class _RefitWindow:
 
     def _refit_due(self) -> bool:
         """True, counting a new version, when the window should be fitted now."""
-        if len(self._rows) < self.min_samples or (self._fitted and self._since_fit < self.refit_every):
+        if len(self._rows) < self.min_samples or (self.version and self._since_fit < self.refit_every):
             return False
-        self._fitted, self._since_fit = True, 0
+        self._since_fit = 0
         self.version += 1
         return True
 
@@ -99,7 +98,7 @@ class OnlineLengthTable(_RefitWindow):
     def __init__(self, *, window: int = DEFAULT_WINDOW, min_samples: int = DEFAULT_MIN_SAMPLES,
                  refit_every: int = DEFAULT_REFIT_EVERY):
         super().__init__(window=window, min_samples=min_samples, refit_every=refit_every)
-        self._table: dict | None = None
+        self.latest: dict | None = None  # the last fit, without refitting
 
     def observe(self, prompt_tokens: int, output_tokens: int, slo: str) -> None:
         if isinstance(prompt_tokens, int) and isinstance(output_tokens, int) and output_tokens >= 1 \
@@ -115,8 +114,8 @@ class OnlineLengthTable(_RefitWindow):
         """The table fitted on the recent completions (LengthQuantilePredictor.to_dict),
         None before `min_samples`; `version` numbers it."""
         if self._refit_due():
-            self._table = LengthQuantilePredictor.fit(self._rows, min_samples=min(50, self.min_samples)).to_dict()
-        return self._table
+            self.latest = LengthQuantilePredictor.fit(self._rows, min_samples=min(50, self.min_samples)).to_dict()
+        return self.latest
 
 
 @dataclass(frozen=True)

@@ -211,5 +211,13 @@ def apply_control(core, hints: RequestHints, settings: EngineSettings) -> None:
         except ValueError as error:  # keep the table in use; inside the engine an exception would stop serving
             log.error("online calibration: %s", error)
             table = predictor.base
-        predictor.use_table(table, hints.length_table)
+        switch_length_table(core, table, hints.length_table)
+
+
+def switch_length_table(core, table: OutputLengthPredictor, version: int) -> None:
+    """The policy predicts from online calibration's refitted `table` from now on (counted).
+    A policy without a ForwardedPredictor predicts nothing and keeps what it has."""
+    predictor = getattr(core.policy, "predictor", None)
+    if isinstance(predictor, ForwardedPredictor):
+        predictor.use_table(table, version)
         core.counters["length_table_switches"] += 1

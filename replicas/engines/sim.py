@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from predictor.length_quantile import LengthQuantilePredictor
-from replicas.engine_settings import EngineSettings, ForwardedPredictor, RequestHints, apply_control
+from replicas.engine_settings import EngineSettings, RequestHints, apply_control, switch_length_table
 from replicas.engines import EngineDead, RequestShed
 from replicas.engines.config import EngineConfig
 from replicas.latency import get_latency_model
@@ -45,10 +45,7 @@ class SimServingEngine:
 
     def use_length_table(self, version: int, table: dict) -> None:
         """In this process: the policy's predictor switches at once."""
-        predictor = getattr(self.core.policy, "predictor", None)
-        if isinstance(predictor, ForwardedPredictor):
-            predictor.use_table(LengthQuantilePredictor.from_dict(table), version)
-            self.core.counters["length_table_switches"] += 1
+        switch_length_table(self.core, LengthQuantilePredictor.from_dict(table), version)
         self.length_table_version = version
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,

@@ -69,11 +69,10 @@ def set_engine_environment() -> None:
 def buffered_log_handlers_kept() -> Iterator[None]:
     """Around the creation of vLLM's first engine in a process: vLLM then sets up its
     logging (`configure_logging_if_needed`) with `logging.config.dictConfig`, which closes
-    every handler the process already has. A
-    closed `MemoryHandler` loses its target and from then on keeps every record it gets
-    and writes none: in a Ray Serve replica, whose logger buffers through one, that is one
-    `LogRecord` kept per request served (about 2.8 KB; docs/RESULTS.md 6.3) and an access
-    log that stops. Each such handler gets its target back; a closed file handler reopens
+    every handler the process already has. A closed `MemoryHandler` loses its target and
+    from then on keeps every record it gets and writes none: in a Ray Serve replica, whose
+    logger buffers through one, that is one `LogRecord` kept per request served (about
+    2.8 KB; docs/RESULTS.md 6.3) and an access log that stops. Each such handler gets its target back; a closed file handler reopens
     on its next record."""
     handlers = [ref() for ref in list(logging._handlerList)]  # type: ignore[attr-defined]
     targets = [(h, h.target) for h in handlers if isinstance(h, logging.handlers.MemoryHandler) and h.target]
