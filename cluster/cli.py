@@ -244,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys; default: "
                             "$CACHEOPT_API_KEY, comma-separated; none: open)")
 
+    baseline = sub.add_parser(
+        "baseline", help="serve the same engine without CacheOPT: a plain `vllm serve` or Ray Serve LLM",
+        description="What an operator would run instead, for `cacheopt bench --target`: the engine of a cluster "
+                    "config's `engine:` section (the same vLLM settings, vLLM's own scheduler) behind vLLM's "
+                    "OpenAI server (vllm) or behind Ray Serve LLM with `replicas` replicas (ray-serve-llm, a Ray "
+                    "of its own). Prints one ready line with the URL; Ctrl-C stops it and its engines.")
+    baseline.add_argument("kind", choices=["vllm", "ray-serve-llm"])
+    baseline.add_argument("--config", type=Path, default=None, help="cluster YAML (its engine, replicas and host)")
+    baseline.add_argument("--replicas", type=int, default=None, help="ray-serve-llm: LLMServer replicas")
+    baseline.add_argument("--port", type=int, default=8100)
+
     overhead = sub.add_parser(
         "overhead", help="the latency the HTTP path adds over calling a replica's engine directly",
         description="Against a running `cacheopt serve` on this machine: one-token completions one at a time, "
@@ -569,6 +580,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from bench.baselines import BaselineError, serve_baseline
+    from cluster.config import load_config
+
+    config = load_config(args.config, replicas=args.replicas, port=args.port)
+    if args.kind == "vllm" and config.replicas != 1:
+        print(f"cacheopt baseline: note: vllm serves one engine; replicas={config.replicas} ignored", file=sys.stderr)
+    try:
+        serve_baseline(args.kind, config)
+    except BaselineError as error:
+        print(f"cacheopt baseline: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _client_api_key() -> str | None:
     """The key the benchmarks send to a cluster that requires one: $CACHEOPT_API_KEY's first."""
     from cluster.config import API_KEY_ENV
@@ -768,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"sim": cmd_sim, "predictor": cmd_predictor, "model": cmd_model, "speed": cmd_speed,
-                    "calibrate": cmd_calibrate, "bench": cmd_bench, "serve": cmd_serve,
+                    "calibrate": cmd_calibrate, "bench": cmd_bench, "serve": cmd_serve, "baseline": cmd_baseline,
                     "overhead": cmd_overhead, "hostile": cmd_hostile, "soak": cmd_soak,
                     "control-plane": cmd_control_plane}
         return commands[args.command](args)

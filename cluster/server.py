@@ -67,6 +67,11 @@ RANDOM_WEIGHTS_NOTE = "random weights (load_format=dummy): real compute and KV c
 # (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD, fixed); the router avoids it from the first
 # routing statistics that show the engine dead (every 0.1 s).
 HEALTH_CHECK_PERIOD_S = 2.0
+# A dead engine ends its replica (see _watch_engine): checked this often, and the replica's
+# streams get up to DEAD_ENGINE_GRACE_S to send their error events before it exits.
+ENGINE_WATCH_PERIOD_S = 0.25
+DEAD_ENGINE_GRACE_S = 1.0
+DEAD_ENGINE_EXIT_CODE = 70  # EX_SOFTWARE: the replica's log says why
 FAILURE_WINDOW_S = 10.0  # a replica that failed a request this recently ranks last in routing
 MAX_ARRIVALS_BUFFERED = 100_000  # arrivals between two reports to the global scheduler, bounded
 MAX_COMPLETIONS_BUFFERED = 2_000  # finished requests between two reports, for online calibration
@@ -180,6 +185,7 @@ class LLMServer:
             raise
         self._control = asyncio.get_running_loop().create_task(self._control_loop())
         self._lag_task = asyncio.get_running_loop().create_task(self.loop_lag.run())
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_engine())
 
     async def _warm_up(self) -> None:
         """One request through the engine before Serve sends traffic: the first real
@@ -271,21 +277,45 @@ class LLMServer:
         return None if snap is None else snap.to_dict()
 
     def check_health(self) -> None:
-        self.engine.check_health()  # raises EngineDead: Serve marks the replica unhealthy and replaces it
+        self.engine.check_health()  # raises EngineDead (the watch below acts on it sooner)
+
+    async def _watch_engine(self) -> None:
+        """A replica whose engine died ends its own process. Serve marks a replica unhealthy
+        after three failed `check_health` calls in a row (a fixed threshold: two to three
+        health periods) but a crashed replica at its next check, and its router retries a
+        dead replica's requests on another one instead of sending them here to fail. The
+        streams on the dead engine first send their error events (they end within ms)."""
+        while (failure := self._engine_failure()) is None:
+            await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
+        log.error("replica %s: %s; ending the replica so that Serve replaces it", self.replica_id, failure)
+        deadline = time.monotonic() + DEAD_ENGINE_GRACE_S
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        try:  # what is left of the engine goes with us (os._exit runs no atexit hooks)
+            await asyncio.wait_for(self.engine.shutdown(), 5.0)
+        except Exception as error:  # noqa: BLE001 (exit regardless)
+            log.warning("replica %s: engine shutdown failed: %r", self.replica_id, error)
+        logging.shutdown()  # flush the replica's log
+        os._exit(DEAD_ENGINE_EXIT_CODE)
 
     def _healthy(self) -> bool:
         return not (self.failures and time.time() - self.failures[-1] < FAILURE_WINDOW_S)
 
     def _engine_healthy(self) -> bool:
+        return self._engine_failure() is None
+
+    def _engine_failure(self) -> str | None:
+        """Why the engine cannot serve, or None while it can."""
         try:
             self.engine.check_health()
-            return True
-        except EngineDead:
-            return False
+            return None
+        except EngineDead as error:
+            return str(error)
 
     async def __del__(self):
         # Serve calls this also when __init__ failed or was interrupted.
-        for task in (getattr(self, "_control", None), getattr(self, "_lag_task", None)):
+        for task in (getattr(self, "_control", None), getattr(self, "_lag_task", None),
+                     getattr(self, "_watch_task", None)):
             if task is not None:
                 task.cancel()
         if getattr(self, "engine", None) is not None:

@@ -3,7 +3,7 @@
 # side. About 35 minutes on 2 cores; run nothing else meanwhile. Results in $OUT.
 #   1. ./run.sh's job from start to the first served token, and /health while it starts
 #   2. the latency the HTTP path adds over calling the replicas' engine directly
-#   3. one replica against a plain `vllm serve` of the same engine settings, streamed
+#   3. one replica against a plain `vllm serve` and Ray Serve LLM of the same engine settings, streamed
 #   4. the same requests on the same engine in-process (how much is the 2-core machine)
 #   5. two replicas: KV-headroom routing against Ray Serve's default router
 # STEPS="3 5" runs some of them.
@@ -79,7 +79,9 @@ EOF
 stop $PID
 fi
 
-# 3. One replica against a plain vLLM server, same engine settings (prefix caching on in both).
+# 3. One replica against the same engine behind a plain `vllm serve` and behind Ray Serve LLM
+# (`cacheopt baseline`: vLLM's own scheduler, the engine settings of the same config; prefix
+# caching on in all three), side by side.
 if want 3; then
 cat > "$OUT/one-replica.yaml" <<'EOF'
 replicas: 1
@@ -88,15 +90,17 @@ EOF
 $CACHEOPT serve --config "$OUT/one-replica.yaml" > "$OUT/serve-one.log" 2>&1 &
 CLUSTER=$!
 wait_ok http://127.0.0.1:8000/health
-.venv/bin/python -m vllm.entrypoints.openai.api_server --model models/tiny-llama --load-format dummy \
-  --dtype float32 --block-size 32 --num-gpu-blocks-override 128 --max-model-len 2048 --max-num-seqs 64 \
-  --max-num-batched-tokens 512 --served-model-name tiny-llama --port 8100 > "$OUT/vllm-serve.log" 2>&1 &
+$CACHEOPT baseline vllm --config "$OUT/one-replica.yaml" --port 8100 > "$OUT/vllm-serve.log" 2>&1 &
 VLLM=$!
 wait_ok http://127.0.0.1:8100/v1/models
-$CACHEOPT bench --target cluster=http://127.0.0.1:8000 --target vllm=http://127.0.0.1:8100 --rates 1 --limit 40 \
-  --warmup 20 --no-progress --out "$OUT/unloaded"
-$CACHEOPT bench --target cluster=http://127.0.0.1:8000 --target vllm=http://127.0.0.1:8100 --rates 8,12,16 \
-  --limit 150 --repeats 2 --no-progress --out "$OUT/one-replica"
+$CACHEOPT baseline ray-serve-llm --config "$OUT/one-replica.yaml" --port 8200 > "$OUT/ray-serve-llm.log" 2>&1 &
+RSL=$!
+wait_ok http://127.0.0.1:8200/v1/models
+TARGETS=(--target cluster=http://127.0.0.1:8000 --target vllm=http://127.0.0.1:8100
+         --target ray-serve-llm=http://127.0.0.1:8200)
+$CACHEOPT bench "${TARGETS[@]}" --rates 1 --limit 40 --warmup 20 --no-progress --out "$OUT/unloaded"
+$CACHEOPT bench "${TARGETS[@]}" --rates 8,12,16 --limit 150 --repeats 2 --no-progress --out "$OUT/one-replica"
+stop $RSL
 stop $VLLM
 stop $CLUSTER
 fi

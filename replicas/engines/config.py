@@ -75,14 +75,19 @@ class EngineConfig(BaseModel):
 
     def engine_kwargs(self, scheduler_cls: str, settings: EngineSettings) -> dict:
         """vLLM's engine arguments for these settings, with `scheduler_cls` deciding."""
+        return {**self.stock_engine_kwargs(), "scheduler_cls": scheduler_cls,
+                "additional_config": settings.as_additional_config()}
+
+    def stock_engine_kwargs(self) -> dict:
+        """The same engine with vLLM's own scheduler: what the baselines (a plain `vllm serve`,
+        Ray Serve LLM; bench.baselines) run."""
         return dict(model=self.model, load_format="dummy" if self.random_weights else "auto",
                     dtype="float32" if self.random_weights else "auto",
                     max_model_len=self.max_model_len, block_size=self.block_size,
                     num_gpu_blocks_override=self.kv_blocks, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=self.prefix_caching,
                     # async_scheduling left to vLLM: on by default on GPU (AsyncCacheOptScheduler), forced off on CPU
-                    enable_chunked_prefill=True, scheduler_cls=scheduler_cls,
-                    additional_config=settings.as_additional_config(), disable_log_stats=True)
+                    enable_chunked_prefill=True, disable_log_stats=True)
 
 
 # The simulator's default engine, the paper's setting: Llama-3-8B on one H100 with vLLM's
