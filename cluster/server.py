@@ -63,9 +63,9 @@ from replicas.tracing import get_tracer, inject_context
 
 log = logging.getLogger("cacheopt.server")
 RANDOM_WEIGHTS_NOTE = "random weights (load_format=dummy): real compute and KV cache, meaningless text"
-# Serve asks check_health this often and replaces a replica after three failures in a row
-# (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD, fixed); the router avoids it from the first
-# routing statistics that show the engine dead (every 0.1 s).
+# Serve asks check_health this often; it replaces a replica after three failures in a row
+# (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD, fixed) or at once when the replica's process
+# is gone, which is why a replica with a dead engine ends itself (_watch_engine).
 HEALTH_CHECK_PERIOD_S = 2.0
 # A dead engine ends its replica (see _watch_engine): checked this often, and the replica's
 # streams get up to DEAD_ENGINE_GRACE_S to send their error events before it exits.

@@ -60,7 +60,8 @@ def test_a_baseline_serves_the_openai_client_and_stops_cleanly(kind, tmp_path):
 
     port = free_port()
     log = open(tmp_path / "baseline.log", "w+")
-    server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "baseline", kind, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "baseline", kind, "--replicas", "1",
+                               "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         deadline = time.time() + 400
