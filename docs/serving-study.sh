@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Issue 11's figures (docs/RESULTS.md section 4): the serving path on this machine, side by
-# side. About 35 minutes on 2 cores; run nothing else meanwhile. Results in $OUT.
+# side. About an hour on 2 cores; run nothing else meanwhile. Results in $OUT.
 #   1. ./run.sh's job from start to the first served token, and /health while it starts
 #   2. the latency the HTTP path adds over calling the replicas' engine directly
 #   3. one replica against a plain `vllm serve` and Ray Serve LLM of the same engine settings, streamed
 #   4. the same requests on the same engine in-process (how much is the 2-core machine)
 #   5. two replicas: KV-headroom routing against Ray Serve's default router
+#   6. two replicas against Ray Serve LLM with two replicas of the same engine
 # STEPS="3 5" runs some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-reports/serving}
-STEPS=${STEPS:-1 2 3 4 5}
+STEPS=${STEPS:-1 2 3 4 5 6}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 CACHEOPT=.venv/bin/cacheopt
@@ -128,4 +129,22 @@ $CACHEOPT bench --target kv=http://127.0.0.1:8000 --target p2c=http://127.0.0.1:
 stop $P2C
 stop $KV
 fi
+# 6. Two replicas against Ray Serve LLM with two replicas of the same engine (its own router).
+if want 6; then
+cat > "$OUT/two-replicas.yaml" <<'EOF'
+replicas: 2
+engine: {kv_blocks: 128, max_num_seqs: 64, max_num_batched_tokens: 512, max_model_len: 2048}
+EOF
+$CACHEOPT serve --config "$OUT/two-replicas.yaml" > "$OUT/serve-two.log" 2>&1 &
+CLUSTER=$!
+wait_ok http://127.0.0.1:8000/health
+$CACHEOPT baseline ray-serve-llm --config "$OUT/two-replicas.yaml" --port 8200 > "$OUT/ray-serve-llm-two.log" 2>&1 &
+RSL=$!
+wait_ok http://127.0.0.1:8200/v1/models
+$CACHEOPT bench --target cluster=http://127.0.0.1:8000 --target ray-serve-llm=http://127.0.0.1:8200 \
+  --rates 8,12,16 --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas"
+stop $RSL
+stop $CLUSTER
+fi
+
 echo "done: $OUT"
