@@ -29,6 +29,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
@@ -284,7 +285,8 @@ class LLMServer:
         after three failed `check_health` calls in a row (a fixed threshold: two to three
         health periods) but a crashed replica at its next check, and its router retries a
         dead replica's requests on another one instead of sending them here to fail. The
-        streams on the dead engine first send their error events (they end within ms)."""
+        streams on the dead engine first send their error events (they end within ms); the
+        process ends through `ray.kill` (os._exit if that fails)."""
         while (failure := self._engine_failure()) is None:
             await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
         log.error("replica %s: %s; ending the replica so that Serve replaces it", self.replica_id, failure)
@@ -295,6 +297,11 @@ class LLMServer:
             await asyncio.wait_for(self.engine.shutdown(), 5.0)
         except Exception as error:  # noqa: BLE001 (exit regardless)
             log.warning("replica %s: engine shutdown failed: %r", self.replica_id, error)
+        try:  # through Ray, which then says the actor was killed, not that its worker crashed unexpectedly
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            await asyncio.sleep(DEAD_ENGINE_GRACE_S)
+        except Exception as error:  # noqa: BLE001 (exit regardless)
+            log.warning("replica %s: ray.kill of itself failed: %r", self.replica_id, error)
         logging.shutdown()  # flush the replica's log
         os._exit(DEAD_ENGINE_EXIT_CODE)
 
