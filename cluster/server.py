@@ -297,12 +297,12 @@ class LLMServer:
             await asyncio.wait_for(self.engine.shutdown(), 5.0)
         except Exception as error:  # noqa: BLE001 (exit regardless)
             log.warning("replica %s: engine shutdown failed: %r", self.replica_id, error)
+        logging.shutdown()  # flush the replica's log: ray.kill ends the process without clean-up
         try:  # through Ray, which then says the actor was killed, not that its worker crashed unexpectedly
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
             await asyncio.sleep(DEAD_ENGINE_GRACE_S)
         except Exception as error:  # noqa: BLE001 (exit regardless)
             log.warning("replica %s: ray.kill of itself failed: %r", self.replica_id, error)
-        logging.shutdown()  # flush the replica's log
         os._exit(DEAD_ENGINE_EXIT_CODE)
 
     def _healthy(self) -> bool:
