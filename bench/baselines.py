@@ -22,6 +22,7 @@ import threading
 import time
 
 from cluster.config import ClusterConfig
+from cluster.serve import wait_until_ready
 from replicas.engines.config import EngineConfig
 
 BASELINES = ("vllm", "ray-serve-llm")
@@ -67,22 +68,11 @@ def ray_serve_llm_config(engine: EngineConfig, replicas: int):
                      runtime_env={"env_vars": {k: os.environ.get(k, v) for k, v in env.items()}})
 
 
-def wait_for_models(url: str, timeout_s: float, stop: threading.Event, alive=lambda: True) -> None:
-    import httpx
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if stop.is_set():
-            raise KeyboardInterrupt("stopped while starting")
-        if not alive():
-            raise BaselineError(f"the server for {url} exited while starting (see its log above)")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise BaselineError(f"{url}/v1/models did not answer within {timeout_s:.0f} s")
+def wait_for_models(url: str, stop: threading.Event, alive=None) -> None:
+    try:
+        wait_until_ready(url, READY_TIMEOUT_S, stop, path="/v1/models", alive=alive)
+    except (RuntimeError, TimeoutError) as error:
+        raise BaselineError(str(error)) from None
 
 
 def serve_baseline(kind: str, config: ClusterConfig) -> None:
@@ -113,7 +103,7 @@ def _serve_vllm(config: ClusterConfig, url: str, stop: threading.Event) -> None:
     env = {**ENGINE_ENVIRONMENT, "VLLM_CPU_KVCACHE_SPACE": f"{config.engine.kv_cache_space_gib:g}", **os.environ}
     server = subprocess.Popen(vllm_serve_args(config.engine, config.host, config.port), env=env)
     try:
-        wait_for_models(url, READY_TIMEOUT_S, stop, alive=lambda: server.poll() is None)
+        wait_for_models(url, stop, alive=lambda: server.poll() is None)
         _ready("vllm", config, url)
         while not stop.is_set() and server.poll() is None:
             time.sleep(0.5)
@@ -144,7 +134,7 @@ def _serve_ray_serve_llm(config: ClusterConfig, url: str, stop: threading.Event)
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_openai_app({"llm_configs": [ray_serve_llm_config(config.engine, config.replicas)]}),
                   blocking=False)
-        wait_for_models(url, READY_TIMEOUT_S, stop)
+        wait_for_models(url, stop)
         _ready("ray-serve-llm", config, url)
         while not stop.is_set():
             time.sleep(0.5)

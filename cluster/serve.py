@@ -9,6 +9,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cluster.config import ClusterConfig
@@ -48,20 +49,25 @@ def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0, stop: threa
     return url
 
 
-def wait_until_ready(url: str, timeout_s: float, stop: threading.Event | None = None) -> None:
+def wait_until_ready(url: str, timeout_s: float, stop: threading.Event | None = None, *, path: str = "/health",
+                     alive: Callable[[], bool] | None = None) -> None:
+    """Until `url + path` answers 200; KeyboardInterrupt once `stop` is set, RuntimeError
+    once `alive()` says the server's process is gone, TimeoutError after `timeout_s`."""
     import httpx
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt("stopped while starting")
+        if alive is not None and not alive():
+            raise RuntimeError(f"the server for {url} exited while starting (see its log)")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass  # the proxy is not listening yet, or no replica has started
         time.sleep(0.5)
-    raise TimeoutError(f"the cluster at {url} was not ready after {timeout_s:.0f} s (see the Ray logs)")
+    raise TimeoutError(f"{url}{path} was not ready after {timeout_s:.0f} s (see the server's logs)")
 
 
 def shutdown() -> None:

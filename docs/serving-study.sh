@@ -129,6 +129,7 @@ $CACHEOPT bench --target kv=http://127.0.0.1:8000 --target p2c=http://127.0.0.1:
 stop $P2C
 stop $KV
 fi
+
 # 6. Two replicas against Ray Serve LLM with two replicas of the same engine (its own router).
 if want 6; then
 cat > "$OUT/two-replicas.yaml" <<'EOF'

@@ -20,8 +20,8 @@ ENGINES = [EngineConfig(kv_blocks=128), EngineConfig(kv_blocks=None, prefix_cach
 
 @pytest.mark.parametrize("engine", ENGINES, ids=["cache-on", "cache-off"])
 def test_vllm_serve_args_are_the_engine_of_the_config(engine):
-    """vLLM's own `serve` parser reads the command line back into the engine arguments
-    the cluster's replicas use, less CacheOPT's scheduler."""
+    """vLLM's OpenAI server reads the command line back (with its own parser) into the
+    engine arguments the cluster's replicas use, less CacheOPT's scheduler."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -59,36 +59,34 @@ def test_a_baseline_serves_the_openai_client_and_stops_cleanly(kind, tmp_path):
     from openai import OpenAI
 
     port = free_port()
-    log = open(tmp_path / "baseline.log", "w+")
-    server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "baseline", kind, "--replicas", "1",
-                               "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        deadline = time.time() + 400
-        ready = ""
-        while time.time() < deadline and server.poll() is None and " ready: " not in ready:
-            ready = server.stdout.readline()
-        assert f"{kind} ready: tiny-llama at http://127.0.0.1:{port}/v1" in ready, (ready, tail(log))
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-        plain = client.completions.create(model="tiny-llama", prompt="Hello there", max_tokens=5,
-                                          extra_body={"ignore_eos": True})
-        assert plain.usage.completion_tokens == 5
-        chunks = list(client.completions.create(model="tiny-llama", prompt="Hello there", max_tokens=5, stream=True,
-                                                extra_body={"ignore_eos": True}))
-        assert "".join(c.choices[0].text for c in chunks if c.choices) != ""
-        started = psutil.Process(server.pid).children(recursive=True)
-        assert started, "no engine process"
-    finally:
-        server.send_signal(signal.SIGTERM)
+    with open(tmp_path / "baseline.log", "w+") as log:
+        server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "baseline", kind, "--replicas", "1",
+                                   "--port", str(port)], stdout=subprocess.PIPE, stderr=log, text=True)
         try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
-    assert server.returncode == 0, tail(log)
+            deadline = time.time() + 400
+            ready = ""
+            while time.time() < deadline and server.poll() is None and " ready: " not in ready:
+                ready = server.stdout.readline()
+            assert f"{kind} ready: tiny-llama at http://127.0.0.1:{port}/v1" in ready, (ready, tail(log))
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+            plain = client.completions.create(model="tiny-llama", prompt="Hello there", max_tokens=5,
+                                              extra_body={"ignore_eos": True})
+            assert plain.usage.completion_tokens == 5
+            chunks = list(client.completions.create(model="tiny-llama", prompt="Hello there", max_tokens=5,
+                                                    stream=True, extra_body={"ignore_eos": True}))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) != ""
+            started = psutil.Process(server.pid).children(recursive=True)
+            assert started, "no engine process"
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(120)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                raise
+        assert server.returncode == 0, tail(log)
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not [p.pid for p in alive if not zombie(p)], "a process outlived the baseline"
-
 
 def zombie(process: psutil.Process) -> bool:
     """Dead and not yet reaped (an orphan whose new parent in a container may never reap it)."""
