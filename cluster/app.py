@@ -26,11 +26,15 @@ REQUEST_SLOTS_SPARE = 16  # beyond the queue limit: /health, /metrics and the 42
 
 
 def request_router_config(config: ClusterConfig) -> RequestRouterConfig:
-    """kv: our KV-headroom router; p2c: Ray Serve's default router (power of two choices
-    on queue length), for comparisons."""
-    router = {"request_router_class": KVHeadroomRouter} if config.router == "kv" else {}
-    return RequestRouterConfig(**router, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
-                               request_routing_stats_timeout_s=1.0)
+    """kv: our KV-headroom router, fed each replica's KV snapshot as Serve's routing
+    statistics every ROUTING_STATS_PERIOD_S; p2c: Ray Serve's default router (power of two
+    choices on queue length), which reads no routing statistics, so Serve collects them at
+    its own default period rather than ten times a second from every replica."""
+    if config.router == "kv":
+        return RequestRouterConfig(request_router_class=KVHeadroomRouter,
+                                   request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+                                   request_routing_stats_timeout_s=1.0)
+    return RequestRouterConfig()
 
 
 def loopback_redis_problem(redis_url: str, node_ips: set[str]) -> str | None:
