@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from cluster.config import ClusterConfig
 from cluster.serve import wait_until_ready
@@ -55,20 +56,19 @@ def ray_serve_llm_config(engine: EngineConfig, replicas: int):
     defaults otherwise (its router, stream batching and engine metrics)."""
     from ray.serve.llm import LLMConfig
 
-    from replicas.engines.vllm import ENGINE_ENVIRONMENT
+    from replicas.engines.vllm import engine_environment
 
     kwargs = engine.stock_engine_kwargs()
     del kwargs["disable_log_stats"]  # Ray Serve LLM's default engine metrics need vLLM's stats: kept on
     model = os.path.abspath(kwargs.pop("model")) if os.path.isdir(engine.model) else kwargs.pop("model")
     bundle = {"CPU": 1, **({"GPU": engine.num_gpus} if engine.num_gpus else {})}
-    env = {**ENGINE_ENVIRONMENT, "VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_space_gib:g}"}
     return LLMConfig(model_loading_config={"model_id": engine.served_model_name, "model_source": model},
                      engine_kwargs=kwargs, placement_group_config={"bundles": [bundle]},
                      deployment_config={"num_replicas": replicas},
-                     runtime_env={"env_vars": {k: os.environ.get(k, v) for k, v in env.items()}})
+                     runtime_env={"env_vars": engine_environment(engine)})
 
 
-def wait_for_models(url: str, stop: threading.Event, alive=None) -> None:
+def wait_for_models(url: str, stop: threading.Event, alive: Callable[[], bool] | None = None) -> None:
     try:
         wait_until_ready(url, READY_TIMEOUT_S, stop, path="/v1/models", alive=alive)
     except (RuntimeError, TimeoutError) as error:
@@ -98,10 +98,10 @@ def _ready(kind: str, config: ClusterConfig, url: str) -> None:
 
 
 def _serve_vllm(config: ClusterConfig, url: str, stop: threading.Event) -> None:
-    from replicas.engines.vllm import ENGINE_ENVIRONMENT
+    from replicas.engines.vllm import engine_environment
 
-    env = {**ENGINE_ENVIRONMENT, "VLLM_CPU_KVCACHE_SPACE": f"{config.engine.kv_cache_space_gib:g}", **os.environ}
-    server = subprocess.Popen(vllm_serve_args(config.engine, config.host, config.port), env=env)
+    server = subprocess.Popen(vllm_serve_args(config.engine, config.host, config.port),
+                              env={**os.environ, **engine_environment(config.engine)})
     try:
         wait_for_models(url, stop, alive=lambda: server.poll() is None)
         _ready("vllm", config, url)

@@ -65,6 +65,14 @@ def set_engine_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def engine_environment(config: EngineConfig) -> dict[str, str]:
+    """The environment vLLM runs this engine with: ENGINE_ENVIRONMENT and the config's KV
+    cache space, a value the operator exported winning (for this process, a `vllm serve`
+    child or a Ray Serve LLM replica alike)."""
+    defaults = {**ENGINE_ENVIRONMENT, "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_space_gib:g}"}
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
 @contextlib.contextmanager
 def buffered_log_handlers_kept() -> Iterator[None]:
     """Around the creation of vLLM's first engine in a process: vLLM then sets up its
@@ -72,8 +80,8 @@ def buffered_log_handlers_kept() -> Iterator[None]:
     every handler the process already has. A closed `MemoryHandler` loses its target and
     from then on keeps every record it gets and writes none: in a Ray Serve replica, whose
     logger buffers through one, that is one `LogRecord` kept per request served (about
-    2.8 KB; docs/RESULTS.md 6.3) and an access log that stops. Each such handler gets its target back; a closed file handler reopens
-    on its next record."""
+    2.8 KB; docs/RESULTS.md 6.3) and an access log that stops. Each such handler gets its
+    target back; a closed file handler reopens on its next record."""
     handlers = [ref() for ref in list(logging._handlerList)]  # type: ignore[attr-defined]
     targets = [(h, h.target) for h in handlers if isinstance(h, logging.handlers.MemoryHandler) and h.target]
     try:
@@ -109,8 +117,7 @@ class VllmServingEngine:
     file this object writes (it reloads when a request carries a newer version)."""
 
     def __init__(self, config: EngineConfig, settings: EngineSettings):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
-        set_engine_environment()
+        os.environ.update(engine_environment(config))
         remove_orphaned_dirs()
         self._dir = tempfile.TemporaryDirectory(prefix=f"{SNAPSHOT_DIR_PREFIX}{os.getpid()}-")
         self._snapshot_path = Path(self._dir.name) / "kv-snapshot.json"
