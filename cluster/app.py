@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import ClusterConfig, ConfigError
+from cluster.config import LOOPBACK, ClusterConfig, ConfigError
+from cluster.ingress import check_cluster_ingress
 from cluster.router import KVHeadroomRouter
 from cluster.routing import ROUTING_STATS_PERIOD_S
 from cluster.server import LLMServer
@@ -21,7 +22,6 @@ from global_scheduler.store import RedisStore
 
 log = logging.getLogger("cacheopt.app")
 DEPLOYMENT = "LLMServer"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 REQUEST_SLOTS_SPARE = 16  # beyond the queue limit: /health, /metrics and the 429 answers themselves
 
 
@@ -72,6 +72,7 @@ def build_app(args: dict | None = None):
     if not config.api_keys and config.host not in LOOPBACK:
         log.warning("serving without API keys: anyone who reaches the port can use the cluster "
                     "(set api_keys or $CACHEOPT_API_KEY)")
+    check_cluster_ingress(config)
     if config.redis_url:  # a wrong password fails the deploy here, clearly, not later in silence
         RedisStore(config.redis_url).check()
         problem = loopback_redis_problem(config.redis_url, _node_ips())

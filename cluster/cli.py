@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="run the serving cluster (OpenAI API on http://127.0.0.1:8000/v1)",
         description="Start a local Ray (or join --ray-address), deploy the serving replicas (each the OpenAI "
-                    "server over its own engine, routed by KV headroom) and the global scheduler, wait until every "
+                    "server over its own engine, behind Ray Serve's HAProxy by default) and the global scheduler, wait until every "
                     "engine is warm, print one ready line with the URL and serve until Ctrl-C. With no arguments: "
                     "two CPU vLLM replicas of the local model (random weights), no Redis.")
     serve.add_argument("--config", type=Path, default=None, help="cluster YAML: any key of cluster/config.py (as under config_dict in deploy/serve-config.yaml)")
@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--redis-url", default=None, help="coordinate reserve leases through Redis at this URL")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    serve.add_argument("--ingress", choices=["haproxy", "serve-proxy"], default=None,
+                       help="haproxy (default): Ray Serve's HAProxy balances the replicas' own HTTP servers; "
+                            "serve-proxy: Serve's Python proxy (needed for `router: kv`)")
     serve.add_argument("--api-key", action="append", default=None, dest="api_keys", metavar="KEY",
                        help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys; default: "
                             "$CACHEOPT_API_KEY, comma-separated; none: open)")
@@ -575,7 +578,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, replicas=args.replicas, host=args.host, port=args.port,
                          redis_url=args.redis_url, ray_address=args.ray_address, api_keys=args.api_keys,
-                         engine={"kind": args.engine}, policy={"name": args.policy})
+                         ingress=args.ingress, engine={"kind": args.engine}, policy={"name": args.policy})
     serve_forever(config)
     return 0
 

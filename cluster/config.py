@@ -20,6 +20,7 @@ from replicas.policies import SIMULATOR_ONLY, check_policy_names
 API_KEY_ENV = "CACHEOPT_API_KEY"  # comma-separated keys, as vLLM's VLLM_API_KEY (one key there)
 REDIS_URL_ENV = "CACHEOPT_REDIS_URL"  # redis://[user:password@]host:port/db or rediss://
 DEFAULT_PREDICTOR = Path(__file__).resolve().parents[1] / "predictor" / "data" / "length-conv.json"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,10 @@ class ClusterConfig(_Strict):
     # KV-headroom router (cluster.router). p2c is the default because kv has not been shown
     # to beat it (docs/RESULTS.md 4.3: a tie within this machine's noise at two replicas).
     router: Literal["kv", "p2c"] = "p2c"
+    # haproxy: Ray Serve's HAProxy in front of replicas that serve HTTP themselves (balanced
+    # by least connections); serve-proxy: Serve's own Python proxy, which `router` needs
+    # to take effect (cluster/ingress.py; docs/RESULTS.md 4.1).
+    ingress: Literal["haproxy", "serve-proxy"] = "haproxy"
     # Clients must send `Authorization: Bearer <one of these>` to /v1/* (vLLM's --api-key);
     # empty: no authentication (the embedded default binds loopback only). /health is always
     # open; /metrics is open unless metrics_require_key.
@@ -93,6 +98,13 @@ class ClusterConfig(_Strict):
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
+
+    @model_validator(mode="after")
+    def _router_needs_serve_proxy(self) -> ClusterConfig:
+        if self.router == "kv" and self.ingress == "haproxy":
+            raise ValueError("router: kv needs ingress: serve-proxy (with HAProxy, HAProxy picks the replica "
+                             "and Ray refuses a custom request router)")
+        return self
 
     @field_validator("api_keys", "trusted_api_keys")
     @classmethod

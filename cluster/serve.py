@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.config import ClusterConfig
+from cluster.ingress import ray_environment
 
 APP_NAME = "cacheopt"
 
@@ -29,6 +30,7 @@ def start_ray(config: ClusterConfig) -> None:
     if config.ray_address:
         ray.init(address=config.ray_address, namespace="cacheopt", log_to_driver=False)
     else:
+        os.environ.update(ray_environment(config))  # Ray's processes inherit it
         ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
 
@@ -71,17 +73,26 @@ def wait_until_ready(url: str, timeout_s: float, stop: threading.Event | None = 
 
 
 def shutdown() -> None:
+    import psutil
     import ray
     from ray import serve
 
     from global_scheduler.actor import GLOBAL_SCHEDULER, NAMESPACE
 
+    # HAProxy is a child of Serve's proxy actor: if Serve's shutdown gives up on the actor
+    # (it waits at most 30 s), HAProxy outlives the Ray this process started, port and all.
+    haproxies = [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
     try:
         serve.shutdown()
         ray.kill(ray.get_actor(GLOBAL_SCHEDULER, namespace=NAMESPACE))
     except Exception:  # noqa: BLE001 (already gone)
         pass
     ray.shutdown()
+    for process in haproxies:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue  # Serve stopped it
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -135,7 +146,7 @@ def serve_forever(config: ClusterConfig) -> None:
         started = True
         engine = "simulated engine" if config.engine.kind == "sim" else f"vLLM on {config.engine.model}"
         print(f"CacheOPT ready: {config.engine.served_model_name} at {url}/v1 ({config.replicas} replicas, {engine}, "
-              f"policy {config.policy.name}, every engine warm); Ctrl-C stops.", flush=True)
+              f"policy {config.policy.name}, ingress {config.ingress}, every engine warm); Ctrl-C stops.", flush=True)
         while not stop.is_set():
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -17,7 +17,8 @@ head node). What differs from a real deployment, and why:
 - `ray stop` is left out of the start commands: on a shared machine it would stop every
   Ray (a real node belongs to the cluster alone). `ray down` still stops this one;
 - the secrets directory lives in the temporary directory, not in ~/.cacheopt;
-- the Serve config runs the simulated engine on a free port (no GPU, no model download).
+- the Serve config runs the simulated engine on a free port (no GPU, no model download);
+- HAProxy's stats page and exporter get free ports (Ray's fixed 8404 and 9101 may be taken).
 
 Prints one JSON line with what happened; exit status 0 when a request was served.
 Needs openssh-server (sshd) and rsync, which scripts/setup.sh installs.
@@ -76,7 +77,9 @@ def cluster_yaml(work: Path, secrets_dir: Path, redis_port: int, gcs_port: int, 
     def adapt(command: str) -> str:
         return (command.replace("$HOME/.cacheopt", str(secrets_dir)).replace("~/.cacheopt-redis-url", str(url_file))
                 .replace("~/.cacheopt", str(secrets_dir)).replace("--port=6380", f"--port={gcs_port}")
-                .replace(" ray start ", f" {BIN}/ray start --node-ip-address=127.0.0.1 --dashboard-port={dashboard_port} ")
+                .replace(" ray start ", f" RAY_SERVE_HAPROXY_STATS_PORT={free_port()} RAY_SERVE_HAPROXY_METRICS_PORT="
+                                       f"{free_port()} {BIN}/ray start --node-ip-address=127.0.0.1 "
+                                       f"--dashboard-port={dashboard_port} ")
                 )
     config["head_start_ray_commands"] = [adapt(c) for c in config["head_start_ray_commands"] if c.strip() != "ray stop"]
     config["worker_start_ray_commands"] = []

@@ -16,7 +16,8 @@ import time
 import psutil
 
 GROUPS = [  # first match wins
-    ("serve proxy", ("ProxyActor",)),
+    ("haproxy", ("bin/haproxy",)),
+    ("serve proxy", ("ProxyActor", "HAProxyManager")),
     ("replica (OpenAI front)", ("ServeReplica",)),
     ("engine core", ("EngineCore", "VLLM::Worker", "multiprocessing.spawn")),
     ("serve controller", ("ServeController",)),

@@ -35,7 +35,7 @@ def cluster():
     sink = SpanSink()
     redis_server = RedisServer()
     port = free_port()
-    config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url, router="kv",
+    config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url, router="kv", ingress="serve-proxy",
                          engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024},
                          policy={"calibration_min_samples": 20})
     ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",

@@ -427,3 +427,44 @@ def test_holder_chains_name_what_keeps_objects_alive():
     assert len(chains) == 2 and all(c[0].startswith("<") and "Kept" in c[0] for c in chains)
     assert all(c[1] == "list len=2" and c[2].startswith("dict keys=['kept']") for c in chains)
     del registry
+
+
+def test_ingress_defaults_to_haproxy_and_the_kv_router_needs_serve_proxy():
+    assert load_config().ingress == "haproxy"
+    assert load_config(router="kv", ingress="serve-proxy").router == "kv"
+    with pytest.raises(ConfigError, match="router: kv needs ingress: serve-proxy"):
+        load_config(router="kv")
+
+
+def test_a_local_ray_gets_the_haproxy_flag_and_loopback_listeners_at_free_ports(monkeypatch):
+    from cluster.ingress import DRAIN_PERIOD_ENV, HAPROXY_FLAG, ON_HOST_WRAPPER, ray_environment
+
+    monkeypatch.delenv(DRAIN_PERIOD_ENV, raising=False)
+    assert ray_environment(load_config(ingress="serve-proxy")) == {HAPROXY_FLAG: "0"}
+    local = ray_environment(load_config())
+    assert (local[HAPROXY_FLAG], local[DRAIN_PERIOD_ENV], local["CACHEOPT_HAPROXY_HOST"]) == ("1", "2", "127.0.0.1")
+    assert local["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(ON_HOST_WRAPPER)
+    assert Path(local["CACHEOPT_HAPROXY_BINARY"]).is_file()  # Ray's bundled HAProxy
+    assert local["RAY_SERVE_HAPROXY_STATS_PORT"] != local["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    # On every interface there is nothing to narrow; an operator's drain period wins.
+    monkeypatch.setenv(DRAIN_PERIOD_ENV, "30")
+    assert ray_environment(load_config(host="0.0.0.0")) == {HAPROXY_FLAG: "1", DRAIN_PERIOD_ENV: "30"}
+
+
+def test_the_haproxy_wrapper_binds_rays_all_interface_listeners_to_the_host(tmp_path):
+    import subprocess
+
+    from cluster.ingress import ON_HOST_WRAPPER
+
+    config = tmp_path / "haproxy.cfg"  # the three bind lines of Ray 2.60's template
+    config.write_text("frontend prometheus\n    bind :9101\nfrontend http_frontend\n    bind 127.0.0.1:8000\n"
+                      "listen stats\n  bind *:8404\n")
+    fake = tmp_path / "haproxy"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    done = subprocess.run([str(ON_HOST_WRAPPER), "-db", "-f", str(config), "-sf", "41"], capture_output=True,
+                          text=True, env={"CACHEOPT_HAPROXY_BINARY": str(fake), "CACHEOPT_HAPROXY_HOST": "127.0.0.1"},
+                          check=True)
+    assert done.stdout.split() == ["-db", "-f", str(config), "-sf", "41"]
+    assert [line.split()[1] for line in config.read_text().splitlines() if "bind" in line] == \
+        ["127.0.0.1:9101", "127.0.0.1:8000", "127.0.0.1:8404"]

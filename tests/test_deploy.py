@@ -25,6 +25,7 @@ def test_cluster_yaml_passes_rays_schema(name):
     # the secrets come from the operator's ~/.cacheopt, and Redis requires its password.
     starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
     assert all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in starts)
+    assert all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in starts)  # the default ingress (cluster/ingress.py)
     assert "--dashboard-host=127.0.0.1" in head
     assert "CACHEOPT_API_KEY=" in head and "CACHEOPT_REDIS_URL=$(cat ~/.cacheopt-redis-url)" in head
     assert "~/.cacheopt" in config["file_mounts"].values()
@@ -69,6 +70,7 @@ def test_serve_config_is_valid_and_takes_its_secrets_from_the_environment(monkey
     monkeypatch.setenv("CACHEOPT_REDIS_URL", "redis://:pw@127.0.0.1:6379/0")
     config = ClusterConfig.model_validate(secrets_from_environment(app.args["config_dict"]))  # as build_app does
     assert config.engine.random_weights is False and config.api_keys == ("k1", "k2")
+    assert config.ingress == "haproxy"
     assert config.redis_url == "redis://:pw@127.0.0.1:6379/0"
     # Without the key in the environment the deploy fails rather than serve every interface openly.
     from cluster.app import build_app

@@ -69,7 +69,7 @@ def two_nodes():
         ray.init(address=f"{HEAD_IP}:{gcs_port}", namespace="cacheopt", log_to_driver=False,
                  _node_ip_address=HEAD_IP)  # this driver runs on the head's machine
         config = load_config(port=http_port, ray_address=f"{HEAD_IP}:{gcs_port}", redis_url=redis_server.url,
-                             replica_resources={"replica_slot": 1}, proxy_location="HeadOnly",
+                             replica_resources={"replica_slot": 1}, proxy_location="HeadOnly", ingress="serve-proxy",
                              engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024})
         base = deploy(config, ready_timeout_s=180)
         yield {"base": base, "redis": redis_server, "worker_port": worker_port,

@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import ray
 from cluster_support import (  # noqa: E402
     RedisServer,
     free_port,
@@ -44,10 +43,7 @@ FAULTS_REPORT = Path(__file__).resolve().parents[1] / "reports" / "reliability" 
 def secured():
     from urllib.parse import quote
 
-    from ray import serve
-
-    from cluster.app import build_app
-    from cluster.serve import shutdown, wait_until_ready
+    from cluster.serve import deploy, shutdown
 
     redis_server = RedisServer(password=REDIS_PASSWORD, start=False)  # down at start
     redis_server.url = f"redis://:{quote(REDIS_PASSWORD)}@127.0.0.1:{redis_server.port}/0"
@@ -55,12 +51,7 @@ def secured():
     config = load_config(port=port, redis_url=redis_server.url, api_keys=list(KEYS), trusted_api_keys=[TRUSTED_KEY],
                          metrics_require_key=True,
                          max_queued_requests=64, engine={"kind": "sim", "kv_blocks": 256, "max_model_len": 1024})
-    ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config_dict": config.model_dump()}), name="cacheopt", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    wait_until_ready(base, 60)
+    base = deploy(config, ready_timeout_s=60)  # with the default ingress, HAProxy
     faults: dict = {}
     yield {"base": base, "config": config, "redis": redis_server, "faults": faults,
            "client": openai.OpenAI(base_url=f"{base}/v1", api_key=KEYS[1], max_retries=0)}
@@ -170,6 +161,42 @@ def test_keys_are_required_where_configured(secured):
     for key in KEYS:  # every configured key works
         good = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
         assert good.completions.create(model=MODEL, prompt="x", max_tokens=1).usage.completion_tokens == 1
+
+
+def _listening(processes) -> set[tuple[str, int]]:
+    import psutil
+
+    found = set()
+    for process in processes:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue  # gone meanwhile (an HAProxy reload)
+    return found
+
+
+def test_haproxy_listens_on_loopback_only_and_the_replicas_own_ports_need_a_key(secured):
+    """The default ingress: HAProxy in front, each replica serving HTTP on a port of its own
+    (Ray's direct-ingress range). Nothing of it may listen beyond the cluster's loopback
+    host, and a client that finds a replica's port directly still needs a key."""
+    import psutil
+    from ray.serve._private.constants import (
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+    )
+
+    ours = psutil.Process().children(recursive=True)  # this test's Ray, not another on the machine
+    haproxy = _listening(p for p in ours if p.name() == "haproxy")
+    assert ("127.0.0.1", secured["config"].port) in haproxy
+    assert {ip for ip, _ in haproxy} == {"127.0.0.1"}, haproxy  # its stats page and exporter too
+    replica_ports = {port for ip, port in _listening(p for p in ours if "ServeReplica" in " ".join(p.cmdline()))
+                     if RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= port <= RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+                     and ip == "127.0.0.1"}
+    assert len(replica_ports) == 2
+    for port in replica_ports:
+        direct = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{direct}/v1/models").status_code == 401
+        assert httpx.get(f"{direct}/v1/models", headers=AUTH).status_code == 200
 
 
 def test_every_hostile_request_gets_a_4xx_and_the_server_stays_up(secured):
