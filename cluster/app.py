@@ -1,7 +1,7 @@
-"""The Ray Serve application: one deployment of N serving replicas (cluster.server), routed
-through Serve's own request path (by Serve's default router, or by KV headroom with
-`router: kv`, cluster.router), and the global scheduler actor (global_scheduler.actor) they
-report to.
+"""The Ray Serve application: one deployment of N serving replicas (cluster.server), behind
+HAProxy or Serve's own proxy (cluster.ingress; behind the proxy, routed by Serve's default
+router or by KV headroom with `router: kv`, cluster.router), and the global scheduler actor
+(global_scheduler.actor) they report to.
 
 `serve run cluster.app:build_app [config=path.yaml]` or `cacheopt serve` builds it.
 """

@@ -69,14 +69,14 @@ class ClusterConfig(_Strict):
     ray_address: str | None = None  # None: start a local Ray
     redis_url: str | None = None  # None: leases reach replicas only from the global scheduler
     max_queued_requests: int = Field(256, ge=1)  # per replica; beyond it: 429 with Retry-After
-    # p2c: Ray Serve's default router (power of two choices on queue length); kv: our
-    # KV-headroom router (cluster.router). p2c is the default because kv has not been shown
-    # to beat it (docs/RESULTS.md 4.3: a tie within this machine's noise at two replicas).
-    router: Literal["kv", "p2c"] = "p2c"
     # haproxy: Ray Serve's HAProxy in front of replicas that serve HTTP themselves (balanced
     # by least connections); serve-proxy: Serve's own Python proxy, which `router` needs
-    # to take effect (cluster/ingress.py; docs/RESULTS.md 4.1).
+    # to take effect (cluster/ingress.py; docs/RESULTS.md 4.1-4.3).
     ingress: Literal["haproxy", "serve-proxy"] = "haproxy"
+    # Behind Serve's proxy only. p2c: Ray Serve's default router (power of two choices on
+    # queue length); kv: our KV-headroom router (cluster.router), opt-in because it has not
+    # been shown to beat either p2c or HAProxy's least connections (docs/RESULTS.md 4.3).
+    router: Literal["kv", "p2c"] = "p2c"
     # Clients must send `Authorization: Bearer <one of these>` to /v1/* (vLLM's --api-key);
     # empty: no authentication (the embedded default binds loopback only). /health is always
     # open; /metrics is open unless metrics_require_key.

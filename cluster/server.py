@@ -1,16 +1,17 @@
 """The serving replica: one Ray Serve deployment of N replicas, each an OpenAI-compatible
 HTTP server over its own engine with CacheOPT inside.
 
-    client ──HTTP──> Serve proxy ──(request router)──> LLMServer replica ──> engine core
+    client ──HTTP──> HAProxy (least connections) ──HTTP──> LLMServer replica ──> engine core
                                                            │ every 0.5 s: arrivals, snapshot, counters
                                                            └──> GlobalScheduler actor: p, reserve lease, readiness
 
 Tokenizing, detokenizing (incrementally) and SSE happen in the replica, next to the
-engine, so a token crosses one Ray hop (replica to proxy), as one SSE event per engine step
-of its stream. Serve manages the replicas (health checks, restarts,
-autoscaling, rolling updates); its proxy routes among them with Serve's default router or,
-with `router: kv`, ours (cluster.router), which reads each replica's KV snapshot from
-`record_routing_stats`.
+engine, one SSE event per engine step of a stream. With the default ingress (cluster.ingress)
+each replica is itself the HTTP server behind HAProxy, so a token crosses no Ray hop; with
+`ingress: serve-proxy` it crosses one (replica to Serve's proxy), and the proxy routes among
+the replicas with Serve's default router or, with `router: kv`, ours (cluster.router), which
+reads each replica's KV snapshot from `record_routing_stats`. Serve manages the replicas
+(health checks, restarts, autoscaling, rolling updates) either way.
 
 A replica starts serving only after its engine has served a warm-up request; `/health`
 is 503 until every replica of the cluster has (then 200 while at least one replica can

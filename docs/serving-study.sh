@@ -63,16 +63,18 @@ EOF
 sleep 5
 fi
 
-# 2. Latency added by the HTTP path (simulated engine, so the engine costs little).
+# 2. Latency added by the HTTP path (simulated engine, so the engine costs little): over a
+# deployment-handle call, and HAProxy's hop over a replica's own port.
 if want 2; then
 $CACHEOPT serve --engine sim > "$OUT/serve-sim.log" 2>&1 &
 PID=$!
 wait_ok http://127.0.0.1:8000/health
 $CACHEOPT overhead --requests 200 > "$OUT/overhead.txt" 2>&1
+.venv/bin/python docs/ingress-hop.py http://127.0.0.1:8000 200 >> "$OUT/overhead.txt"  # the HAProxy hop alone
 .venv/bin/python - >> "$OUT/overhead.txt" <<'EOF'
 import statistics, time, httpx
 with httpx.Client() as c:
-    for path, what in (("/-/healthz", "Serve's proxy alone"), ("/v1/models", "the proxy and a replica")):
+    for path, what in (("/-/healthz", "the ingress alone"), ("/v1/models", "the ingress and a replica")):
         ts = []
         for i in range(220):
             t = time.perf_counter(); c.get("http://127.0.0.1:8000" + path); ts.append(time.perf_counter() - t)
