@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,7 +10,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cluster.config import ClusterConfig
@@ -30,9 +31,25 @@ def start_ray(config: ClusterConfig) -> None:
     if config.ray_address:
         ray.init(address=config.ray_address, namespace="cacheopt", log_to_driver=False)
     else:
-        os.environ.update(ray_environment(config))  # Ray's processes inherit it
-        ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        with environment(ray_environment(config)):  # Ray's processes inherit it; this process keeps its own
+            ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the block, the previous environment after it (so that a
+    Ray started later in this process, or a subprocess, does not inherit them)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0, stop: threading.Event | None = None) -> str:

@@ -468,3 +468,17 @@ def test_the_haproxy_wrapper_binds_rays_all_interface_listeners_to_the_host(tmp_
     assert done.stdout.split() == ["-db", "-f", str(config), "-sf", "41"]
     assert [line.split()[1] for line in config.read_text().splitlines() if "bind" in line] == \
         ["127.0.0.1:9101", "127.0.0.1:8000", "127.0.0.1:8404"]
+
+
+def test_the_ray_environment_does_not_leak_into_this_process(monkeypatch):
+    """A Ray started later in the same process (the next test module's) or a subprocess
+    must not inherit the HAProxy flag of an earlier `cacheopt serve`."""
+    import os
+
+    from cluster.serve import environment
+
+    monkeypatch.setenv("CACHEOPT_TEST_KEPT", "before")
+    monkeypatch.delenv("CACHEOPT_TEST_ADDED", raising=False)
+    with environment({"CACHEOPT_TEST_KEPT": "during", "CACHEOPT_TEST_ADDED": "during"}):
+        assert os.environ["CACHEOPT_TEST_KEPT"] == os.environ["CACHEOPT_TEST_ADDED"] == "during"
+    assert os.environ["CACHEOPT_TEST_KEPT"] == "before" and "CACHEOPT_TEST_ADDED" not in os.environ
