@@ -1,7 +1,8 @@
 """The Ray Serve application: one deployment of N serving replicas (cluster.server), behind
-HAProxy or Serve's own proxy (cluster.ingress; behind the proxy, routed by Serve's default
-router or by KV headroom with `router: kv`, cluster.router), and the global scheduler actor
-(global_scheduler.actor) they report to.
+HAProxy or Serve's own proxy (cluster.ingress), and the global scheduler actor
+(global_scheduler.actor) they report to. With `router: kv` Serve's proxy routes by KV
+headroom (cluster.router), and HAProxy asks a route service that runs the same router
+(cluster.route_service); otherwise each ingress balances by its own rule.
 
 `serve run cluster.app:build_app [config=path.yaml]` or `cacheopt serve` builds it.
 """
@@ -15,6 +16,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.config import LOOPBACK, ClusterConfig, ConfigError
 from cluster.ingress import check_cluster_ingress
+from cluster.route_service import KVRouteService
 from cluster.router import KVHeadroomRouter
 from cluster.routing import ROUTING_STATS_PERIOD_S
 from cluster.server import LLMServer
@@ -80,9 +82,13 @@ def build_app(args: dict | None = None):
             raise ConfigError(problem)
     # The engine's own processes are outside Ray's accounting; a replica asks Ray only for
     # its GPU (none on CPU machines), so that two replicas fit a 2-core machine.
-    return LLMServer.options(num_replicas=config.replicas,
-                             max_ongoing_requests=config.max_queued_requests + REQUEST_SLOTS_SPARE,
-                             request_router_config=request_router_config(config),
-                             ray_actor_options={"num_cpus": 0, "num_gpus": config.engine.num_gpus,
-                                                "resources": dict(config.replica_resources)}
-                             ).bind(config.model_dump())
+    server = LLMServer.options(num_replicas=config.replicas,
+                               max_ongoing_requests=config.max_queued_requests + REQUEST_SLOTS_SPARE,
+                               request_router_config=request_router_config(config),
+                               ray_actor_options={"num_cpus": 0, "num_gpus": config.engine.num_gpus,
+                                                  "resources": dict(config.replica_resources)}
+                               ).bind(config.model_dump())
+    if config.router == "kv" and config.ingress == "haproxy":  # HAProxy asks our router for each request
+        return server._with_ingress_request_router(
+            KVRouteService.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(server))
+    return server

@@ -69,13 +69,13 @@ class ClusterConfig(_Strict):
     ray_address: str | None = None  # None: start a local Ray
     redis_url: str | None = None  # None: leases reach replicas only from the global scheduler
     max_queued_requests: int = Field(256, ge=1)  # per replica; beyond it: 429 with Retry-After
-    # haproxy: Ray Serve's HAProxy in front of replicas that serve HTTP themselves (balanced
-    # by least connections); serve-proxy: Serve's own Python proxy, which `router` needs
-    # to take effect (cluster/ingress.py; docs/RESULTS.md 4.1-4.3).
+    # haproxy: Ray Serve's HAProxy in front of replicas that serve HTTP themselves;
+    # serve-proxy: Serve's own Python proxy (cluster/ingress.py; docs/RESULTS.md 4.1-4.3).
     ingress: Literal["haproxy", "serve-proxy"] = "haproxy"
-    # Behind Serve's proxy only. p2c: Ray Serve's default router (power of two choices on
-    # queue length); kv: our KV-headroom router (cluster.router), opt-in because it has not
-    # been shown to beat either p2c or HAProxy's least connections (docs/RESULTS.md 4.3).
+    # p2c: the ingress's own balancing (HAProxy: least connections; Serve's proxy: its
+    # default router, power of two choices on queue length); kv: our KV-headroom router
+    # (cluster.router; behind HAProxy through cluster.route_service), opt-in because it has
+    # not been shown to beat HAProxy's least connections (docs/RESULTS.md 4.3).
     router: Literal["kv", "p2c"] = "p2c"
     # Clients must send `Authorization: Bearer <one of these>` to /v1/* (vLLM's --api-key);
     # empty: no authentication (the embedded default binds loopback only). /health is always
@@ -98,13 +98,6 @@ class ClusterConfig(_Strict):
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
-
-    @model_validator(mode="after")
-    def _router_needs_serve_proxy(self) -> ClusterConfig:
-        if self.router == "kv" and self.ingress == "haproxy":
-            raise ValueError("router: kv needs ingress: serve-proxy (with HAProxy, HAProxy picks the replica "
-                             "and Ray refuses a custom request router)")
-        return self
 
     @field_validator("api_keys", "trusted_api_keys")
     @classmethod

@@ -7,8 +7,9 @@ answers the OpenAI API, authentication, /metrics and traces as before. Against S
 proxy (a Python actor that relays every stream chunk as a Ray object) it takes a hop and
 about a quarter of a core off the serving path (docs/RESULTS.md 4.1 and 4.2).
 
-serve-proxy: Serve's own HTTP proxy, needed for `router: kv` (HAProxy picks the replica
-itself, so Ray refuses a custom request router on the ingress deployment).
+serve-proxy: Serve's own HTTP proxy. `router: kv` works behind both: Serve's proxy runs the
+request router itself; HAProxy asks the route service for each request
+(cluster/route_service.py).
 
 Ray's processes read the HAProxy flag when they start: `cacheopt serve` puts it into the
 environment of the Ray it starts (`ray_environment`); a Ray cluster started by `ray start`
@@ -18,7 +19,9 @@ whose config asks for the other ingress.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from cluster.config import LOOPBACK, ClusterConfig, ConfigError
@@ -82,3 +85,20 @@ def check_cluster_ingress(config: ClusterConfig) -> None:
                           f"({HAPROXY_FLAG}=1 where `ray start` ran): set ingress: haproxy, or start Ray without it")
     raise ConfigError(f"ingress: haproxy needs {HAPROXY_FLAG}=1 in the environment of `ray start` on every node "
                       "(deploy/README.md); or set ingress: serve-proxy")
+
+
+@contextlib.contextmanager
+def driver_agrees_on_haproxy(config: ClusterConfig) -> Iterator[None]:
+    """`serve.run` checks an application with an ingress request router (`router: kv`
+    behind HAProxy) against this process's copy of the HAProxy flag, which Ray reads once,
+    at import; `cacheopt serve` keeps the flag out of its own environment (it goes to the
+    Ray it starts), so for the block that copy says what the cluster runs (which
+    `check_cluster_ingress` has compared with `config.ingress`)."""
+    from ray.serve._private import build_app as ray_build_app
+
+    before = ray_build_app.RAY_SERVE_ENABLE_HA_PROXY
+    ray_build_app.RAY_SERVE_ENABLE_HA_PROXY = config.ingress == "haproxy"
+    try:
+        yield
+    finally:
+        ray_build_app.RAY_SERVE_ENABLE_HA_PROXY = before

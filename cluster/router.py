@@ -1,11 +1,14 @@
 """Choosing a replica by KV headroom, as a Ray Serve request router.
 
 `rank_by_headroom` (cluster/routing.py) is the rule. `KVHeadroomRouter` plugs it into
-Ray Serve (`request_router_class`): Serve's HTTP proxy (and any handle to the serving
-deployment) routes with it, then Serve's own queue-length check picks the first ranked
-replica that has room. Snapshots reach it as the replicas' routing statistics
-(`record_routing_stats`, every cluster.routing.ROUTING_STATS_PERIOD_S). Without fresh snapshots for every
-candidate it falls back to power of two choices, Serve's default.
+Ray Serve (`request_router_class`). Behind Serve's HTTP proxy (and for any handle to the
+serving deployment) Serve routes with it, then its own queue-length check picks the first
+ranked replica that has room. Behind HAProxy the route service (cluster/route_service.py)
+asks it for a pick only, and HAProxy sends the request: the first ranked replica goes.
+Snapshots reach it as the replicas' routing statistics (`record_routing_stats`, every
+cluster.routing.ROUTING_STATS_PERIOD_S). Without fresh snapshots for every candidate it
+falls back to power of two choices, Serve's default (behind HAProxy, where nothing probes
+queue lengths, to one replica drawn at random).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from cluster.route_service import ROUTE_ONLY
 from cluster.routing import RANKED_CANDIDATES, RoutingState
 
 
@@ -29,7 +33,15 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        order = self._state.rank(candidate_replicas, time.time(), limit=RANKED_CANDIDATES)
+        now = time.time()
+        if pending_request is not None and pending_request.kwargs.get(ROUTE_ONLY):
+            # A pick for HAProxy: Serve takes the first replica of the first group and
+            # reports no send, so the charge for it is made here.
+            order = self._state.rank(candidate_replicas, now, limit=1)
+            best = candidate_replicas[order[0]] if order else self._rng.choice(candidate_replicas)
+            self._state.on_send(best.replica_id.unique_id, now)
+            return [[best]]
+        order = self._state.rank(candidate_replicas, now, limit=RANKED_CANDIDATES)
         if order is None:  # power of two choices on queue length, as Serve's default router
             pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))
             return [pair]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from cluster.ingress import ray_environment
+from cluster.ingress import driver_agrees_on_haproxy, ray_environment
 
 APP_NAME = "cacheopt"
 
@@ -61,8 +61,9 @@ def deploy(config: ClusterConfig, *, ready_timeout_s: float = 600.0, stop: threa
 
     start_ray(config)
     serve.start(http_options={"host": config.host, "port": config.port}, proxy_location=config.proxy_location)
-    serve.run(build_app({"config_dict": config.model_dump()}), name=APP_NAME, route_prefix="/",
-              blocking=False)
+    with driver_agrees_on_haproxy(config):
+        serve.run(build_app({"config_dict": config.model_dump()}), name=APP_NAME, route_prefix="/",
+                  blocking=False)
     url = f"http://{config.host}:{config.port}"
     wait_until_ready(url, ready_timeout_s, stop)
     return url

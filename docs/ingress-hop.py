@@ -3,9 +3,9 @@
     python docs/ingress-hop.py [URL] [REQUESTS]   # a cluster with ingress: haproxy running on this machine
 
 Times one-token completions one at a time, alternately through the cluster's URL (HAProxy,
-then a replica) and straight to a replica's own HTTP port (Ray's direct-ingress range, found
-among the listening sockets of this machine's Serve replicas), and prints the p50 and p95 of
-each and their difference.
+then a replica; with `router: kv`, HAProxy asks the route service first) and straight to a
+replica's own HTTP port (Ray's direct-ingress range, found among the listening sockets of
+this machine's serving replicas), and prints the p50 and p95 of each and their difference.
 """
 
 import json
@@ -17,12 +17,15 @@ import httpx
 import psutil
 from ray.serve._private.constants import RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
 
+from cluster.app import DEPLOYMENT
+
 
 def replica_ports() -> list[int]:
     ports = set()
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if "ServeReplica" not in " ".join(process.info["cmdline"] or ()):
+            command = " ".join(process.info["cmdline"] or ())
+            if "ServeReplica" not in command or f":{DEPLOYMENT}" not in command:  # not the route service's
                 continue
             ports |= {c.laddr.port for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN
                       and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= c.laddr.port <= RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT}

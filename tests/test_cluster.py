@@ -27,24 +27,22 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray import serve
-
-    from cluster.app import build_app
-    from cluster.serve import shutdown, wait_until_ready
+    from cluster.ingress import ray_environment
+    from cluster.serve import deploy, environment, shutdown
 
     sink = SpanSink()
     redis_server = RedisServer()
     port = free_port()
-    config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url, router="kv", ingress="serve-proxy",
+    # router: kv behind HAProxy: HAProxy asks the route service, which runs our router.
+    config = load_config(port=port, max_queued_requests=6, redis_url=redis_server.url, router="kv",
                          engine={"kind": "sim", "kv_blocks": 96, "max_model_len": 1024},
                          policy={"calibration_min_samples": 20})
-    ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.url}/v1/traces",
-                                       "OTEL_BSP_SCHEDULE_DELAY": "100"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config_dict": config.model_dump()}), name="cacheopt", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    wait_until_ready(base, 60)  # /health: every replica warm and reporting
+    with environment(ray_environment(config)):
+        ray.init(address="local", namespace="cacheopt", include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.url}/v1/traces",
+                                           "OTEL_BSP_SCHEDULE_DELAY": "100"}})
+    base = deploy(config, ready_timeout_s=60)  # /health: every replica warm and reporting
     yield {"base": base, "client": openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0),
            "sink": sink, "config": config, "redis": redis_server}
     shutdown()
@@ -156,8 +154,8 @@ def test_a_client_that_disconnects_frees_its_kv(cluster):
 
 
 def test_routing_prefers_the_replica_with_headroom(cluster):
-    """Serve's proxy routes with our KV-headroom router: while one replica holds a long
-    request, small ones go to the other (each after the snapshots have caught up, so that
+    """HAProxy routes by our KV-headroom router (through the route service): while one
+    replica holds a long request, small ones go to the other (each after the snapshots have caught up, so that
     the rule, not the charge for requests in transit, decides)."""
     body = {"model": MODEL, "prompt": list(range(3, 400)), "max_tokens": 600, "stream": True, "slo": "batch"}
     with httpx.stream("POST", f"{cluster['base']}/v1/completions", json=body, timeout=60) as hog:
@@ -335,13 +333,16 @@ def test_zz_a_replica_that_is_gone_loses_its_lease(cluster):
     from ray import serve
 
     from cluster.app import build_app
+    from cluster.ingress import driver_agrees_on_haproxy
+    from cluster.serve import APP_NAME
     from global_scheduler.control import REPLICA_SILENT_S
     from global_scheduler.store import LEASE_TTL_S
 
     client = cluster["redis"].client()
     assert wait_for(lambda: len(client.keys("cacheopt:lease:*")) >= 2)
     smaller = cluster["config"].model_copy(update={"replicas": 1})
-    serve.run(build_app({"config_dict": smaller.model_dump()}), name="cacheopt", route_prefix="/")
+    with driver_agrees_on_haproxy(smaller):
+        serve.run(build_app({"config_dict": smaller.model_dump()}), name=APP_NAME, route_prefix="/")
     (kept,) = wait_for(lambda: list(scheduler_state()["replicas"]) if len(scheduler_state()["replicas"]) == 1
                        else None, timeout_s=REPLICA_SILENT_S + 5)
 

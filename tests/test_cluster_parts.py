@@ -429,11 +429,10 @@ def test_holder_chains_name_what_keeps_objects_alive():
     del registry
 
 
-def test_ingress_defaults_to_haproxy_and_the_kv_router_needs_serve_proxy():
+def test_ingress_defaults_to_haproxy_and_the_kv_router_works_behind_either():
     assert load_config().ingress == "haproxy"
     assert load_config(router="kv", ingress="serve-proxy").router == "kv"
-    with pytest.raises(ConfigError, match="router: kv needs ingress: serve-proxy"):
-        load_config(router="kv")
+    assert load_config(router="kv").ingress == "haproxy"  # through the route service (test_cluster.py)
 
 
 def test_a_local_ray_gets_the_haproxy_flag_and_loopback_listeners_at_free_ports(monkeypatch):

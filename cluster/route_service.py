@@ -1,0 +1,56 @@
+"""HAProxy's replica chooser for `router: kv` (Ray Serve's ingress request router).
+
+Behind HAProxy, HAProxy picks the replica itself (least connections) unless the
+application has an ingress request router: then, for every POST, HAProxy's Lua action asks
+this deployment's `POST /internal/route` for a replica and sends the request straight to
+that replica's own port (Ray Serve LLM's direct-streaming path; GETs such as /health and
+/metrics still go by least connections). The choice is the serving deployment's request
+router's (KVHeadroomRouter, cluster/router.py), run through a deployment handle without
+sending anything, so one rule and one routing state serve both ingresses. The request body
+is not read: the rule needs none, and Ray does not forward it unless told to.
+
+Ray's hook for attaching it (`Application._with_ingress_request_router`) is internal to Ray
+Serve 2.60 (Ray Serve LLM's own use); the pinned Ray is what it was checked against.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, HTTPException
+from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+# A keyword the route service passes to choose_replica: KVHeadroomRouter then charges its
+# pick itself, since without a reserved slot Serve neither probes nor reports the send.
+ROUTE_ONLY = "cacheopt_route_only"
+ROUTE_PATH = "/internal/route"  # Ray's HAProxy Lua action calls this path
+
+route_app = FastAPI()
+
+
+@serve.deployment
+@serve.ingress(route_app)
+class KVRouteService:
+    """Answers HAProxy with `{"host", "port", "replica_id"}` of the replica to send to."""
+
+    def __init__(self, server: DeploymentHandle) -> None:
+        self._server = server
+        self._server._init()  # the handle's router starts now, not at the first request
+
+    @route_app.post(ROUTE_PATH)
+    async def route(self) -> dict:
+        try:
+            # _reserve=False: pick only (the request goes out through HAProxy, not this handle).
+            async with self._server.choose_replica(_reserve=False, **{ROUTE_ONLY: True}) as selection:
+                replica = selection._replica
+        except DeploymentUnavailableError as e:  # any non-200 makes HAProxy answer 503
+            raise HTTPException(status_code=503, detail=str(e)) from None
+        endpoint = replica.backend_http_endpoint
+        if endpoint is None:
+            raise HTTPException(status_code=503, detail=f"replica {selection.replica_id} has no HTTP port yet")
+        host, port = endpoint
+        return {"host": host, "port": port, "replica_id": replica.replica_id.to_full_id_str()}
+
+    @route_app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
