@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     serve.add_argument("--ingress", choices=["haproxy", "serve-proxy"], default=None,
                        help="haproxy (default): Ray Serve's HAProxy balances the replicas' own HTTP servers; "
-                            "serve-proxy: Serve's Python proxy (needed for `router: kv`)")
+                            "serve-proxy: Serve's Python proxy and request router")
     serve.add_argument("--api-key", action="append", default=None, dest="api_keys", metavar="KEY",
                        help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys; default: "
                             "$CACHEOPT_API_KEY, comma-separated; none: open)")

@@ -9,11 +9,12 @@
 #   5. two replicas: KV-headroom routing (behind HAProxy and behind Serve's proxy) against
 #      HAProxy's least connections and Ray Serve's default router
 #   6. two replicas against Ray Serve LLM with two replicas of the same engine
+#   7. two replicas of the real engine: KV-headroom routing against least connections
 # STEPS="3 5" runs some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-reports/serving}
-STEPS=${STEPS:-1 2 3 4 5 6}
+STEPS=${STEPS:-1 2 3 4 5 6 7}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 # The engine of steps 3 and 6, for the cluster and every baseline alike.
@@ -155,6 +156,19 @@ $CACHEOPT bench --target cluster=http://127.0.0.1:8000 --target ray-serve-llm=ht
   --rates 8,12,16 --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas"
 stop $RSL
 stop $CLUSTER
+fi
+
+# 7. Two replicas of the real engine, where KV binds (128 blocks each): KV-headroom routing
+# behind HAProxy against HAProxy's least connections.
+if want 7; then
+printf 'replicas: 2\nrouter: kv\nport: 8000\n%s\n' "$ENGINE" > "$OUT/two-kv.yaml"
+printf 'replicas: 2\nport: 8001\n%s\n' "$ENGINE" > "$OUT/two-leastconn.yaml"
+start KV serve-two-kv.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/two-kv.yaml"
+start LEASTCONN serve-two-leastconn.log http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/two-leastconn.yaml"
+$CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.0.0.1:8001 \
+  --rates 8,12,16 --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas-routing"
+stop $LEASTCONN
+stop $KV
 fi
 
 echo "done: $OUT"
