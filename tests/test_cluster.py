@@ -313,6 +313,27 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_serving_goes_on(cluster
                                        timeout=30).status_code == 200, timeout_s=60, step_s=1.0)
 
 
+def test_a_killed_route_service_costs_posts_a_503_until_serve_restarts_it(cluster):
+    """HAProxy asks the route service for every POST: while it is gone, POSTs get 503 (never
+    a hang, and GETs such as /health still go by least connections); Serve restarts it and
+    routing goes on."""
+    from ray.util import list_named_actors
+
+    (name,) = [a["name"] for a in list_named_actors(all_namespaces=True) if "#KVRouteService#" in a["name"]]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    body = {"model": MODEL, "prompt": "route me", "max_tokens": 2}
+    killed = time.time()
+    codes = []
+
+    def served():
+        codes.append(httpx.post(f"{cluster['base']}/v1/completions", json=body, timeout=30).status_code)
+        return codes[-1] == 200
+    assert wait_for(served, timeout_s=60, step_s=0.2), codes
+    assert set(codes) <= {200, 503}, codes
+    assert httpx.get(f"{cluster['base']}/health", timeout=10).status_code == 200
+    print(f"route service killed: {codes.count(503)} POSTs got 503, served again after {time.time() - killed:.1f} s")
+
+
 def test_older_lease_epochs_are_refused_and_leases_expire(cluster):
     from global_scheduler.store import RedisStore
 
