@@ -5,6 +5,12 @@ simulator (bench/cluster_sim.py) both call it.
 Replicas with KV room for one more request (free plus idle reservations, less what their
 queue will take and what this router sent them since their snapshot) first, the least
 loaded of them first; without room, the most headroom first; failing replicas last.
+
+A serving replica also reports the requests it holds (`accepted`, read at `read_s`), those
+still being parsed or tokenized included: its engine's snapshot, taken at the last step,
+does not show those yet, so a router that stopped charging for a request once a snapshot
+was taken after it was sent would miss the requests in between (where least connections
+counts every open one).
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ class ReplicaView(NamedTuple):
     sent_since_snapshot: int = 0  # requests this router sent it after the snapshot was taken
     healthy: bool = True  # False: it failed requests lately or its engine is dead
     request_blocks: float = 0.0  # what a request asks of its KV cache, smoothed, as the replica saw
+    # Requests the replica holds (its engine's and those being prepared), when it reports
+    # them: then the load, with `sent_since_snapshot` counted from when it was read.
+    accepted: int | None = None
+    preparing: int = 0  # of those, not yet in its engine (so not in the KV snapshot)
 
 
 def blocks_per_request(views: Sequence[ReplicaView]) -> float:
@@ -56,11 +66,11 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | No
         return None
     charge = blocks_per_request(views)
     keys = []
-    for i, (s, sent, healthy, _) in enumerate(views):
-        room = s.headroom_blocks - charge * sent
+    for i, (s, sent, healthy, _, accepted, preparing) in enumerate(views):
+        room = s.headroom_blocks - charge * (sent + preparing)
         fits = room >= charge
-        keys.append((not healthy, not fits, sent + s.num_running + s.num_waiting if fits else 0, -room,
-                     -s.reserve_free_blocks, i))
+        held = s.num_running + s.num_waiting if accepted is None else accepted
+        keys.append((not healthy, not fits, sent + held if fits else 0, -room, -s.reserve_free_blocks, i))
     best = sorted(keys) if limit is None or limit >= len(keys) else heapq.nsmallest(limit, keys)
     return [key[-1] for key in best]
 
@@ -106,6 +116,8 @@ class RoutingState:
         self._unhealthy = np.zeros(n, dtype=bool)
         self._request_blocks = np.zeros(n)
         self._taken = np.zeros(n)
+        self._seen_until = np.zeros(n)  # sends up to this time are in the replica's statistics
+        self._preparing = np.zeros(n)
         self._sent_count = np.zeros(n)
 
     def rank(self, candidates: Sequence, now_s: float, limit: int | None = None) -> list[int] | None:
@@ -121,7 +133,7 @@ class RoutingState:
             return None  # a snapshot missing (taken -inf) or stale
         known = self._request_blocks[self._request_blocks > 0]
         charge = float(known.mean()) if known.size else 0.0
-        room = self._headroom - charge * self._sent_count
+        room = self._headroom - charge * (self._sent_count + self._preparing)
         fits = room >= charge
         load = np.where(fits, self._sent_count + self._base_load, 0.0)
         order = np.lexsort((np.arange(len(candidates)), -self._reserve_free, -room, load, ~fits, self._unhealthy))
@@ -134,8 +146,8 @@ class RoutingState:
         sent.append(now_s)
         slot = self._slot.get(replica_id)
         if slot is not None:  # None: not among the current candidates
-            while sent and sent[0] <= self._taken[slot]:
-                sent.popleft()  # its snapshot has seen it
+            while sent and sent[0] <= self._seen_until[slot]:
+                sent.popleft()  # its statistics have seen it
             self._sent_count[slot] = len(sent)
 
     def _rebuild(self, candidates: Sequence) -> None:
@@ -148,6 +160,7 @@ class RoutingState:
         self._headroom, self._base_load, self._reserve_free = np.zeros(n), np.zeros(n), np.zeros(n)
         self._unhealthy, self._request_blocks = np.zeros(n, dtype=bool), np.zeros(n)
         self._taken, self._sent_count = np.full(n, -np.inf), np.zeros(n)
+        self._seen_until, self._preparing = np.full(n, -np.inf), np.zeros(n)
 
     def _load(self, i: int, stats: dict) -> None:
         """Slot i from new routing statistics: the snapshot's numbers the rule reads, taken
@@ -158,15 +171,19 @@ class RoutingState:
         self._request_blocks[i] = float(stats.get("request_blocks", 0.0))
         kv = stats.get("kv")
         try:
-            taken = float(kv["taken_s"])
+            taken = seen_until = float(kv["taken_s"])
             self._headroom[i], self._reserve_free[i] = kv["headroom_blocks"], kv["reserve_free_blocks"]  # KVSnapshot.to_dict
             self._base_load[i] = kv["num_running"] + kv["num_waiting"]
+            self._preparing[i] = 0
+            if "accepted" in stats:  # cluster/server.py's record_routing_stats
+                seen_until = float(stats["read_s"])
+                self._base_load[i], self._preparing[i] = stats["accepted"], stats["preparing"]
         except (KeyError, TypeError, ValueError):  # none, or a replica of another version: Serve's router decides
-            taken = -np.inf
-        self._taken[i] = taken
+            taken = seen_until = -np.inf
+        self._taken[i], self._seen_until[i] = taken, seen_until
         sent = self._sent.get(self._ids[i])
-        while sent and sent[0] <= taken:
-            sent.popleft()  # the snapshot has seen it
+        while sent and sent[0] <= seen_until:
+            sent.popleft()  # its statistics have seen it
         self._sent_count[i] = len(sent) if sent else 0
 
 

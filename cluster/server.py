@@ -269,10 +269,12 @@ class LLMServer:
     # -- Serve's hooks ----------------------------------------------------------------------------
 
     def record_routing_stats(self) -> dict:
-        """The KV snapshot for the request router (cluster.router), and whether this replica
-        can serve (its engine is alive and no request failed here lately)."""
+        """The KV snapshot for the request router (cluster.router), whether this replica can
+        serve (its engine is alive and no request failed here lately), and the requests it
+        holds now (cluster.routing: the snapshot does not show those still being prepared)."""
         return {"kv": self._snapshot_dict(), "healthy": self._healthy() and self._engine_healthy(),
-                "request_blocks": self.request_blocks}
+                "request_blocks": self.request_blocks, "accepted": self.in_flight + self.preparing,
+                "preparing": self.preparing, "read_s": time.time()}
 
     def _snapshot_dict(self) -> dict | None:
         snap = self.engine.snapshot()

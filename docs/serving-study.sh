@@ -166,6 +166,8 @@ printf 'replicas: 2\nport: 8001\n%s\n' "$ENGINE" > "$OUT/two-leastconn.yaml"
 start KV serve-two-kv.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/two-kv.yaml"
 start LEASTCONN serve-two-leastconn.log http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/two-leastconn.yaml"
 $CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.0.0.1:8001 \
+  --rates 8,12,16 --limit 150 --repeats 2 --replay train --no-progress --out "$OUT/two-replicas-routing-train"
+$CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.0.0.1:8001 \
   --rates 8,12,16 --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas-routing"
 stop $LEASTCONN
 stop $KV

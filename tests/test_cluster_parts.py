@@ -187,6 +187,27 @@ def _replica(name: str, stats: dict | None):
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), routing_stats=stats)
 
 
+def test_the_rule_counts_requests_a_replica_holds_but_its_snapshot_has_not_seen():
+    """A replica's engine snapshot misses the requests it is still preparing: with the
+    requests it holds reported, those count as its load and against its KV room, and sends
+    are charged from when that count was read."""
+    a, b = snap(free=40), snap(free=40)  # engines alike: both idle at the snapshot
+    assert rank_by_headroom([ReplicaView(a, accepted=3, preparing=3, request_blocks=10),
+                             ReplicaView(b, accepted=1, preparing=1, request_blocks=10)], 100.5) == [1, 0]
+    # Preparing requests take KV room too: 40 - 10 * 4 leaves none on a.
+    assert rank_by_headroom([ReplicaView(a, accepted=4, preparing=4, request_blocks=10),
+                             ReplicaView(snap(free=15), accepted=9, preparing=0, request_blocks=10)], 100.5) == [1, 0]
+    state = RoutingState()
+    ra = _replica("a", {"kv": a.to_dict(), "request_blocks": 10.0, "accepted": 2, "preparing": 2, "read_s": 100.2})
+    rb = _replica("b", {"kv": b.to_dict(), "request_blocks": 10.0, "accepted": 0, "preparing": 0, "read_s": 100.2})
+    assert state.rank([ra, rb], 100.5) == [1, 0]
+    state.on_send("b", 100.1)  # before b's count was read: in it already, not charged again
+    state.on_send("b", 100.3)
+    state.on_send("b", 100.4)
+    state.on_send("b", 100.45)
+    assert state.rank([ra, rb], 100.5) == [0, 1]  # b: 0 held + 3 sent since; a: 2 held
+
+
 def test_routing_state_parses_each_statistics_once_and_charges_what_it_sent():
     """The router's memory: a request sent after a replica's snapshot counts against it
     until a newer snapshot is taken; statistics objects are parsed once."""
@@ -205,26 +226,33 @@ def test_routing_state_parses_each_statistics_once_and_charges_what_it_sent():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 30), st.integers(0, 40), st.integers(0, 3),
                           st.integers(0, 4), st.booleans(), st.sampled_from([0.0, 8.0, 12.5]),
-                          st.sampled_from([99.0, 99.5, 100.0])), min_size=1, max_size=12),
+                          st.sampled_from([99.0, 99.5, 100.0]),
+                          st.one_of(st.none(), st.tuples(st.integers(0, 8), st.integers(0, 3)))), min_size=1, max_size=12),
        st.lists(st.integers(0, 11), max_size=10), st.sampled_from([None, 1, 3]))
 def test_routing_state_ranks_as_the_rule(replicas, sends, limit):
     """The array form the router runs ranks exactly as rank_by_headroom, the rule, over
-    the same snapshots and requests sent since them (ties included)."""
+    the same snapshots, requests held (where a replica reports them) and requests sent
+    since (ties included)."""
     state = RoutingState()
-    candidates, views = [], []
-    for i, (free, idle, need, running, waiting, healthy, blocks, taken) in enumerate(replicas):
+    candidates, views, seen_until = [], [], []
+    for i, (free, idle, need, running, waiting, healthy, blocks, taken, held) in enumerate(replicas):
         snapshot = dataclasses.replace(snap(free=free, idle=idle, need=need, reserve=i % 3, taken=taken),
                                        num_running=running, num_waiting=waiting)
-        candidates.append(_replica(f"r{i}", {"kv": snapshot.to_dict(), "healthy": healthy, "request_blocks": blocks}))
+        stats = {"kv": snapshot.to_dict(), "healthy": healthy, "request_blocks": blocks}
+        if held is not None:  # read a little after the snapshot was taken
+            stats |= {"accepted": held[0] + held[1], "preparing": held[1], "read_s": taken + 0.25}
+        candidates.append(_replica(f"r{i}", stats))
+        seen_until.append(taken if held is None else taken + 0.25)
     state.rank(candidates, 100.5)
     sent = [0] * len(replicas)
     for k in sends:
         if k < len(replicas):
-            state.on_send(f"r{k}", 99.7 + 0.01 * k)  # after some snapshots (taken 99.0, 99.5), before others
-            sent[k] += 99.7 + 0.01 * k > replicas[k][7]
+            state.on_send(f"r{k}", 99.7 + 0.01 * k)  # after some statistics (99.0-99.75), before others
+            sent[k] += 99.7 + 0.01 * k > seen_until[k]
     for i, candidate in enumerate(candidates):
         stats = candidate.routing_stats
-        views.append(ReplicaView(snapshot_of(stats), sent[i], stats["healthy"], stats["request_blocks"]))
+        views.append(ReplicaView(snapshot_of(stats), sent[i], stats["healthy"], stats["request_blocks"],
+                                 stats.get("accepted"), stats.get("preparing", 0)))
     assert state.rank(candidates, 100.5, limit) == rank_by_headroom(views, 100.5, limit)
 
 
