@@ -50,7 +50,3 @@ class KVRouteService:
             raise HTTPException(status_code=503, detail=f"replica {selection.replica_id} has no HTTP port yet")
         host, port = endpoint
         return {"host": host, "port": port, "replica_id": replica.replica_id.to_full_id_str()}
-
-    @route_app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11's figures (docs/RESULTS.md section 4): the serving path on this machine, side by
-# side. About an hour on 2 cores; run nothing else meanwhile. Results in $OUT.
+# side. About two hours on 2 cores (steps 5 and 7 about half an hour each); run nothing else
+# meanwhile. Results in $OUT.
 #   1. ./run.sh's job from start to the first served token, and /health while it starts
 #   2. the latency the HTTP path adds over calling the replicas' engine directly
 #   3. one replica (with HAProxy, the default ingress, and with Serve's proxy) against a plain
