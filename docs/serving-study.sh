@@ -18,7 +18,7 @@ OUT=${OUT:-reports/serving}
 STEPS=${STEPS:-1 2 3 4 5 6 7}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
-# The engine of steps 3 and 6, for the cluster and every baseline alike.
+# The engine of steps 3, 6 and 7, for the cluster and every baseline alike.
 ENGINE='engine: {kv_blocks: 128, max_num_seqs: 64, max_num_batched_tokens: 512, max_model_len: 2048}'
 CACHEOPT=.venv/bin/cacheopt
 export VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1 HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=nobind \
@@ -159,7 +159,7 @@ stop $RSL
 stop $CLUSTER
 fi
 
-# 7. Two replicas of the real engine, where KV binds (128 blocks each): KV-headroom routing
+# 7. Two replicas of the real engine, where KV can bind (128 blocks each): KV-headroom routing
 # behind HAProxy against HAProxy's least connections.
 if want 7; then
 printf 'replicas: 2\nrouter: kv\nport: 8000\n%s\n' "$ENGINE" > "$OUT/two-kv.yaml"
