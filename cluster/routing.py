@@ -35,7 +35,7 @@ class ReplicaView(NamedTuple):
     replica per request)."""
 
     snapshot: KVSnapshot | None
-    sent_since_snapshot: int = 0  # requests this router sent it after the snapshot was taken
+    sent_since_snapshot: int = 0  # requests this router sent it after the snapshot (or the count below) was taken
     healthy: bool = True  # False: it failed requests lately or its engine is dead
     request_blocks: float = 0.0  # what a request asks of its KV cache, smoothed, as the replica saw
     # Requests the replica holds (its engine's and those being prepared), when it reports
@@ -58,8 +58,8 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | No
     KV headroom decides where it binds: a replica with room for one more request (headroom
     less the charge for what was sent since its snapshot) ranks before every replica
     without, and among those without room the most headroom wins. Among replicas with room
-    the least loaded (running, waiting and sent since the snapshot) goes first, as Serve's
-    default router would pick: where KV is not short, compute is what a new request waits
+    the least loaded (the requests it holds, or its engine's running and waiting where it
+    does not report them, plus those sent since) goes first, as Serve's default router would pick: where KV is not short, compute is what a new request waits
     for. Replicas that failed requests lately go last."""
     oldest = now_s - SNAPSHOT_MAX_AGE_S
     if any(v.snapshot is None or v.snapshot.taken_s < oldest for v in views):

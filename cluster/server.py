@@ -9,9 +9,10 @@ Tokenizing, detokenizing (incrementally) and SSE happen in the replica, next to 
 engine, one SSE event per engine step of a stream. With the default ingress (cluster.ingress)
 each replica is itself the HTTP server behind HAProxy, so a token crosses no Ray hop; with
 `ingress: serve-proxy` it crosses one (replica to Serve's proxy), and the proxy routes among
-the replicas with Serve's default router or, with `router: kv`, ours (cluster.router), which
-reads each replica's KV snapshot from `record_routing_stats`. Serve manages the replicas
-(health checks, restarts, autoscaling, rolling updates) either way.
+the replicas with Serve's default router. With `router: kv` ours (cluster.router) chooses
+behind either ingress (behind HAProxy through cluster.route_service), reading each
+replica's KV snapshot and request count from `record_routing_stats`. Serve manages the
+replicas (health checks, restarts, autoscaling, rolling updates) either way.
 
 A replica starts serving only after its engine has served a warm-up request; `/health`
 is 503 until every replica of the cluster has (then 200 while at least one replica can
