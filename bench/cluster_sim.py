@@ -14,6 +14,12 @@ Each replica is `bench.simulate.ReplicaSim` (the pure core and simulated engine 
   are fresh (Serve probes them), so the baseline gets the best information it could have.
 - `least-loaded`: the shortest queue of all, fresh; `round-robin`.
 
+`kv` and `least-loaded` add prefix affinity (`prefix_slack`, cluster.routing.PrefixIndex):
+among replicas within that many requests of the least loaded, the one sent the longest
+prefix of the request's prompt lately goes first. `least-loaded` so is Ray Serve LLM's
+PrefixCacheAffinityRouter with fresh queue lengths; `prefix_slack=none` turns it off
+(`least-loaded:prefix_slack=none` is HAProxy's least connections).
+
 Every `report_period_s` each replica reports to `global_scheduler.control.ClusterControl`
 (the global scheduler's own logic) and takes back p and its reserve lease, applied as the
 replica applies them. Reserve: `pressure` (the scheduler's split), `static` (an equal
@@ -38,7 +44,7 @@ from dataclasses import dataclass, fields, replace
 from bench.metrics import RunStats
 from bench.simulate import STUCK_IDLE_PLANS, ReplicaSim, SimResult, SimSetup, fits_context, outcome_of
 from bench.traces import TraceRequest
-from cluster.routing import ROUTING_STATS_PERIOD_S, ReplicaView, rank_by_headroom
+from cluster.routing import PREFIX_SLACK_REQUESTS, ROUTING_STATS_PERIOD_S, PrefixIndex, ReplicaView, rank_by_headroom
 from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
 from global_scheduler.control import REPLICA_SILENT_S, REPORT_PERIOD_S, ClusterControl
 from predictor.base import OutputLengthPredictor
@@ -68,6 +74,7 @@ class ClusterSimSetup:
     report_period_s: float = REPORT_PERIOD_S  # replica <-> global scheduler
     reserve: str = "pressure"
     p_scope: str = "cluster"
+    prefix_slack: float | None = PREFIX_SLACK_REQUESTS  # kv and least-loaded; None: no prefix affinity
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -93,10 +100,14 @@ def parse_variant(text: str, base: ClusterSimSetup) -> ClusterSimSetup:
         if not sep or name not in known or name in ("router", "replicas"):
             raise ValueError(f"variant {text!r}: {option!r} is not FIELD=VALUE with FIELD one of "
                              f"{', '.join(n for n in known if n not in ('router', 'replicas'))}")
+        what = "seconds" if name.endswith("_s") else "requests or none" if name == "prefix_slack" else ""
         try:
-            changes[name] = float(value) if name.endswith("_s") else value
+            if name == "prefix_slack":
+                changes[name] = None if value == "none" else float(value)
+            else:
+                changes[name] = float(value) if name.endswith("_s") else value
         except ValueError:
-            raise ValueError(f"variant {text!r}: {name} takes seconds, not {value!r}") from None
+            raise ValueError(f"variant {text!r}: {name} takes {what}, not {value!r}") from None
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -153,6 +164,8 @@ class _Router:
         self.request_blocks = [float(blocks_for(r.setup.engine.max_model_len // 2, r.block_size)) for r in replicas]
         self.next_robin = 0
         self.decision_s = 0.0  # wall time spent choosing
+        affine = setup.prefix_slack is not None and setup.router in ("kv", "least-loaded")
+        self.prefixes = PrefixIndex() if affine else None
 
     def _load(self, i: int) -> int:
         core = self.replicas[i].scheduler
@@ -162,16 +175,21 @@ class _Router:
         a, b = self.rng.sample(range(len(self.replicas)), 2)
         return a if self._load(a) <= self._load(b) else b
 
-    def choose(self, now: float) -> int:
+    def choose(self, now: float, request: Request) -> int:
         started = time.perf_counter()
         n = len(self.replicas)
+        keys = request.prefix_keys or () if self.prefixes is not None else ()
+        matched = [self.prefixes.matched(i, keys) if keys else 0 for i in range(n)]  # type: ignore[union-attr]
         if n == 1:
             choice = 0
         elif self.setup.router == "round-robin":
             choice, self.next_robin = self.next_robin, (self.next_robin + 1) % n
         elif self.setup.router == "least-loaded":
             start = self.rng.randrange(n)  # ties to a random one, not always the first
-            choice = min(((start + k) % n for k in range(n)), key=self._load)
+            order = [(start + k) % n for k in range(n)]
+            least = min(map(self._load, order))
+            slack = self.setup.prefix_slack if self.prefixes is not None else 0.0
+            choice = min(order, key=lambda i: (self._load(i) > least + slack, -matched[i], self._load(i)))
         elif self.setup.router == "p2c":
             choice = self._p2c()
         else:
@@ -182,11 +200,14 @@ class _Router:
                 if snap is not None:
                     while sent and sent[0] <= snap.taken_s:
                         sent.popleft()
-                views.append(ReplicaView(snap, len(sent), True, self.request_blocks[i]))
-            order = rank_by_headroom(views, now)
+                views.append(ReplicaView(snap, len(sent), True, self.request_blocks[i], prefix_blocks=matched[i]))
+            slack = self.setup.prefix_slack if self.setup.prefix_slack is not None else 0.0
+            order = rank_by_headroom(views, now, prefix_slack=slack)
             choice = self._p2c() if order is None else order[0]
         if self.published:  # the KV rule charges what it sent since a snapshot; the others need no record
             self.sent[choice].append(now)
+        if keys:
+            self.prefixes.record(choice, keys, self.replicas[choice].total_blocks)  # type: ignore[union-attr]
         self.decision_s += time.perf_counter() - started
         return choice
 
@@ -194,10 +215,11 @@ class _Router:
         if self.published:
             self.published[i].changing(now)
 
-    def routed(self, i: int, request: Request) -> None:
+    def finished(self, i: int, request: Request) -> None:
+        """As the serving replica: what a finished request held is the charge for the next ones."""
         block = self.replicas[i].block_size
         self.request_blocks[i] += REQUEST_BLOCKS_SMOOTHING * (
-            blocks_for(request.prompt_tokens + request.max_tokens, block) - self.request_blocks[i])
+            blocks_for(request.prompt_tokens + request.num_output_tokens, block) - self.request_blocks[i])
 
 
 @dataclass
@@ -259,8 +281,7 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
         now, kind, _, i, payload = heapq.heappop(events)
         if kind == ARRIVAL:
             pending_arrivals -= 1
-            i = router.choose(now)
-            router.routed(i, payload)
+            i = router.choose(now, payload)
             assigned[i] += 1
             arrivals_since_report[i].append(now)
             router.changing(i, now)
@@ -290,7 +311,8 @@ def simulate_cluster(trace: list[TraceRequest], policy_name: str, setup: SimSetu
             plan, duration = payload
             last_step_end = now
             router.changing(i, now)
-            replicas[i].step_done(plan, now, duration)
+            for request in replicas[i].step_done(plan, now, duration):
+                router.finished(i, request)
             busy[i] = False
             plan_now(i, now)
         else:  # REPORT

@@ -90,5 +90,6 @@ def build_app(args: dict | None = None):
                                ).bind(config.model_dump())
     if config.router == "kv" and config.ingress == "haproxy":  # HAProxy asks our router for each request
         return server._with_ingress_request_router(
-            KVRouteService.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(server))
+            KVRouteService.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+                server, config.engine.block_size))
     return server

@@ -27,6 +27,8 @@ from pathlib import Path
 from cluster.config import LOOPBACK, ClusterConfig, ConfigError
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+# HAProxy sends the route service each request's body (cluster/route_service.py: prefix affinity).
+FORWARD_BODY_FLAG = "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"
 # Ray's default, 30 s, keeps a stopping replica accepting requests so that load balancers
 # outside Ray stop sending to it first; HAProxy on the replica's own node learns of it
 # within a tenth of a second, and a local Ray would otherwise take 30 s more to stop.
@@ -50,6 +52,8 @@ def ray_environment(config: ClusterConfig) -> dict[str, str]:
     from cluster.serve import free_port
 
     environment = {HAPROXY_FLAG: "1", DRAIN_PERIOD_ENV: os.environ.get(DRAIN_PERIOD_ENV, LOCAL_DRAIN_PERIOD_S)}
+    if config.router == "kv":  # the route service reads the prompt for prefix affinity
+        environment[FORWARD_BODY_FLAG] = "1"
     if config.host in LOOPBACK:
         if not os.access(ON_HOST_WRAPPER, os.X_OK):
             raise ConfigError(f"{ON_HOST_WRAPPER} is not executable (chmod +x it, or use ingress: serve-proxy)")

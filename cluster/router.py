@@ -5,6 +5,8 @@ Ray Serve (`request_router_class`). Behind Serve's HTTP proxy (and for any handl
 serving deployment) Serve routes with it, then its own queue-length check picks the first
 ranked replica that has room. Behind HAProxy the route service (cluster/route_service.py)
 asks it for a pick only, and HAProxy sends the request: the first ranked replica goes.
+There the route service also passes the prompt's block keys (it has the request body), so
+the rule weighs where the prompt's prefix is cached (`PrefixIndex`, what this router sent).
 Snapshots reach it as the replicas' routing statistics (`record_routing_stats`, every
 cluster.routing.ROUTING_STATS_PERIOD_S). Without fresh snapshots for every candidate it
 falls back to power of two choices, Serve's default (behind HAProxy, where nothing probes
@@ -18,8 +20,8 @@ import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from cluster.route_service import ROUTE_ONLY
-from cluster.routing import RANKED_CANDIDATES, RoutingState
+from cluster.route_service import PREFIX_KEYS, ROUTE_ONLY
+from cluster.routing import RANKED_CANDIDATES, PrefixIndex, RoutingState
 
 
 class KVHeadroomRouter(FIFOMixin, RequestRouter):
@@ -27,6 +29,7 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
 
     def initialize_state(self, **kwargs) -> None:
         self._state = RoutingState()
+        self._prefixes = PrefixIndex()
         self._rng = random.Random()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -37,10 +40,16 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
         if pending_request is not None and pending_request.kwargs.get(ROUTE_ONLY):
             # A pick for HAProxy: Serve takes the first replica of the first group and
             # reports no send, so the charge for it is made here.
-            order = self._state.rank(candidate_replicas, now, limit=1)
-            best = candidate_replicas[order[0]] if order else self._rng.choice(candidate_replicas)
-            self._state.on_send(best.replica_id.unique_id, now)
-            return [[best]]
+            keys = pending_request.kwargs.get(PREFIX_KEYS) or ()
+            ids = [r.replica_id.unique_id for r in candidate_replicas]
+            prefix = [self._prefixes.matched(rid, keys) for rid in ids] if keys else None
+            order = self._state.rank(candidate_replicas, now, limit=1, prefix_blocks=prefix)
+            pick = order[0] if order else self._rng.randrange(len(candidate_replicas))
+            self._state.on_send(ids[pick], now)
+            if keys:
+                self._prefixes.keep_only(ids)
+                self._prefixes.record(ids[pick], keys, self._state.total_blocks(pick))
+            return [[candidate_replicas[pick]]]
         order = self._state.rank(candidate_replicas, now, limit=RANKED_CANDIDATES)
         if order is None:  # power of two choices on queue length, as Serve's default router
             pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))

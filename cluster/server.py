@@ -534,8 +534,6 @@ class LLMServer:
         sampling = body.sampling()
         self.in_flight += 1
         self.metrics.on_request(len(ids))
-        self.request_blocks += REQUEST_BLOCKS_SMOOTHING * (blocks_for(len(ids) + max_tokens, e.block_size)
-                                                           - self.request_blocks)
         state = _Progress(arrival, span, rid, len(ids), max_tokens, slo)
         stream = self.engine.generate(rid, ids, max_tokens, extra, sampling)
         headers = {"x-cacheopt-replica": self.replica_id}
@@ -665,6 +663,10 @@ class LLMServer:
             self.metrics.on_finish(state.tokens)
             if state.tokens:
                 self.completions.append((state.prompt, state.tokens, state.slo))
+                # What a request held at its end: the router's charge for each one it sends
+                # (max_tokens would be the worst case, several times what most requests hold).
+                held = blocks_for(state.prompt + state.tokens, self.config.engine.block_size)
+                self.request_blocks += REQUEST_BLOCKS_SMOOTHING * (held - self.request_blocks)
         self._close(state)
 
     def _close(self, state: _Progress) -> None:

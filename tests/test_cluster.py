@@ -171,6 +171,25 @@ def test_routing_prefers_the_replica_with_headroom(cluster):
     assert full not in routed and len(set(routed)) == 1, (full, routed)
 
 
+def test_routing_follows_a_cached_prefix_within_the_slack(cluster):
+    """HAProxy forwards the body to the route service, and a prompt that starts with a
+    prompt sent before goes where that one went (its prefix is cached there), though that
+    replica holds one request more (within cluster.routing.PREFIX_SLACK_REQUESTS); a prompt
+    without one goes to the idle replica."""
+    prompt = list(range(1000, 1400))
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 600, "stream": True, "slo": "batch"}
+    with httpx.stream("POST", f"{cluster['base']}/v1/completions", json=body, timeout=60) as first:
+        holder = first.headers["x-cacheopt-replica"]
+        lines = first.iter_lines()
+        next(lines)
+        time.sleep(0.5)  # the routing statistics show it
+        follow_up = cluster["client"].completions.with_raw_response.create(
+            model=MODEL, prompt=prompt + [7, 8, 9], max_tokens=2).headers["x-cacheopt-replica"]
+        other = cluster["client"].completions.with_raw_response.create(
+            model=MODEL, prompt=list(range(2000, 2400)), max_tokens=2).headers["x-cacheopt-replica"]
+    assert follow_up == holder and other != holder, (holder, follow_up, other)
+
+
 def concurrent_completions(cluster, count: int, max_tokens: int = 2) -> list[httpx.Response]:
     async def burst():
         async with httpx.AsyncClient(timeout=60) as client:

@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from cluster.config import ConfigError, load_config
 from cluster.metrics import ReplicaMetrics, render
 from cluster.openai_api import ApiError, ChatRequest, CompletionRequest, parse_body
-from cluster.routing import ReplicaView, RoutingState, blocks_per_request, rank_by_headroom, snapshot_of
+from cluster.routing import (
+    PrefixIndex,
+    ReplicaView,
+    RoutingState,
+    blocks_per_request,
+    prompt_block_keys,
+    rank_by_headroom,
+    snapshot_of,
+)
 from global_scheduler.reserve import Lease, freshest_lease, rebalance_reserve
 from replicas.snapshot import KVSnapshot
 
@@ -223,16 +231,58 @@ def test_routing_state_parses_each_statistics_once_and_charges_what_it_sent():
     assert state.rank([a, b], 103.0) is None  # stale
 
 
+def test_the_rule_sends_a_prefix_where_it_is_cached_within_the_slack():
+    views = [ReplicaView(snap(free=60), accepted=2, request_blocks=10, prefix_blocks=20),
+             ReplicaView(snap(free=60), accepted=0, request_blocks=10)]
+    assert rank_by_headroom(views, 100.5, prefix_slack=2) == [0, 1]  # two more held, within the slack
+    assert rank_by_headroom(views, 100.5, prefix_slack=1) == [1, 0]  # beyond it: the least loaded
+    assert rank_by_headroom([v._replace(prefix_blocks=0) for v in views], 100.5, prefix_slack=2) == [1, 0]
+    # A cached prefix is KV the request does not need: with it the replica has room, without it not.
+    tight = [ReplicaView(snap(free=5), accepted=0, request_blocks=10, prefix_blocks=8),
+             ReplicaView(snap(free=9), accepted=0, request_blocks=10)]
+    assert rank_by_headroom(tight, 100.5) == [0, 1]
+    assert rank_by_headroom([v._replace(prefix_blocks=0) for v in tight], 100.5) == [1, 0]
+
+
+def test_the_prefix_index_keeps_what_a_kv_cache_of_its_size_keeps():
+    index = PrefixIndex()
+    index.record("a", (1, 2, 3, 4), capacity_blocks=6)
+    assert index.matched("a", (1, 2, 3, 9)) == 3 and index.matched("b", (1,)) == 0
+    index.record("a", (5, 6, 7), capacity_blocks=6)  # over capacity: the oldest prompt's last block goes first
+    assert index.matched("a", (1, 2, 3, 4)) == 3 and index.matched("a", (5, 6, 7)) == 3
+    index.keep_only(["b"])
+    assert index.matched("a", (5,)) == 0
+
+
+def test_prompt_block_keys_name_each_prefix():
+    def keys(request, block=16):
+        return prompt_block_keys(json.dumps(request).encode(), block)
+
+    ids = list(range(100, 150))
+    assert len(keys({"prompt": ids})) == 3  # full blocks only
+    assert keys({"prompt": ids[:32] + [1] * 18})[:2] == keys({"prompt": ids})[:2]
+    assert keys({"prompt": [0] + ids[1:]})[2] != keys({"prompt": ids})[2]  # a key names its whole prefix
+    assert keys({"prompt": [ids]}) == keys({"prompt": ids})  # a batch of one
+    text = "You are a helpful assistant. " * 10
+    assert len(keys({"prompt": text})) == len(text) // 64 > 0
+    chat = [{"role": "system", "content": text}, {"role": "user", "content": "hi"}]
+    longer = chat + [{"role": "assistant", "content": "hello " * 30}, {"role": "user", "content": "more"}]
+    assert keys({"messages": longer})[:len(keys({"messages": chat})) - 1] == keys({"messages": chat})[:-1]
+    for body in (b'{"prompt": [1, 2', b"[1, 2]", b'{"prompt": [1.5, 2]}', b'{"input": "x"}', b"\xff"):
+        assert prompt_block_keys(body, 16) == ()
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 30), st.integers(0, 40), st.integers(0, 3),
                           st.integers(0, 4), st.booleans(), st.sampled_from([0.0, 8.0, 12.5]),
                           st.sampled_from([99.0, 99.5, 100.0]),
                           st.one_of(st.none(), st.tuples(st.integers(0, 8), st.integers(0, 3)))), min_size=1, max_size=12),
-       st.lists(st.integers(0, 11), max_size=10), st.sampled_from([None, 1, 3]))
-def test_routing_state_ranks_as_the_rule(replicas, sends, limit):
+       st.lists(st.integers(0, 11), max_size=10), st.sampled_from([None, 1, 3]),
+       st.one_of(st.none(), st.lists(st.integers(0, 20), min_size=12, max_size=12)), st.sampled_from([0, 2, 5]))
+def test_routing_state_ranks_as_the_rule(replicas, sends, limit, prefixes, slack):
     """The array form the router runs ranks exactly as rank_by_headroom, the rule, over
-    the same snapshots, requests held (where a replica reports them) and requests sent
-    since (ties included)."""
+    the same snapshots, requests held (where a replica reports them), requests sent
+    since and prefixes held (ties included)."""
     state = RoutingState()
     candidates, views, seen_until = [], [], []
     for i, (free, idle, need, running, waiting, healthy, blocks, taken, held) in enumerate(replicas):
@@ -252,8 +302,10 @@ def test_routing_state_ranks_as_the_rule(replicas, sends, limit):
     for i, candidate in enumerate(candidates):
         stats = candidate.routing_stats
         views.append(ReplicaView(snapshot_of(stats), sent[i], stats["healthy"], stats["request_blocks"],
-                                 stats.get("accepted"), stats.get("preparing", 0)))
-    assert state.rank(candidates, 100.5, limit) == rank_by_headroom(views, 100.5, limit)
+                                 stats.get("accepted"), stats.get("preparing", 0),
+                                 prefixes[i] if prefixes else 0))
+    blocks = prefixes[:len(candidates)] if prefixes else None
+    assert state.rank(candidates, 100.5, limit, blocks, slack) == rank_by_headroom(views, 100.5, limit, slack)
 
 
 def test_reserve_follows_pressure_within_budget_and_caps():
@@ -464,7 +516,7 @@ def test_ingress_defaults_to_haproxy_and_the_kv_router_works_behind_either():
 
 
 def test_a_local_ray_gets_the_haproxy_flag_and_loopback_listeners_at_free_ports(monkeypatch):
-    from cluster.ingress import DRAIN_PERIOD_ENV, HAPROXY_FLAG, ON_HOST_WRAPPER, ray_environment
+    from cluster.ingress import DRAIN_PERIOD_ENV, FORWARD_BODY_FLAG, HAPROXY_FLAG, ON_HOST_WRAPPER, ray_environment
 
     monkeypatch.delenv(DRAIN_PERIOD_ENV, raising=False)
     assert ray_environment(load_config(ingress="serve-proxy")) == {HAPROXY_FLAG: "0"}
@@ -476,6 +528,9 @@ def test_a_local_ray_gets_the_haproxy_flag_and_loopback_listeners_at_free_ports(
     # On every interface there is nothing to narrow; an operator's drain period wins.
     monkeypatch.setenv(DRAIN_PERIOD_ENV, "30")
     assert ray_environment(load_config(host="0.0.0.0")) == {HAPROXY_FLAG: "1", DRAIN_PERIOD_ENV: "30"}
+    # router: kv reads the prompt (prefix affinity): HAProxy forwards the body to the route service.
+    assert ray_environment(load_config(host="0.0.0.0", router="kv")) == {
+        HAPROXY_FLAG: "1", DRAIN_PERIOD_ENV: "30", FORWARD_BODY_FLAG: "1"}
 
 
 def test_the_haproxy_wrapper_binds_rays_all_interface_listeners_to_the_host(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from bench.cluster_sim import ClusterSimSetup, _PublishedState, parse_variant, simulate_cluster
 from bench.metrics import summarize
+from bench.sessions import SessionWorkload, session_trace
 from bench.simulate import ReplicaSim, SimSetup, simulate
 from bench.traces import load_azure_trace, scale_to_rate
 from cluster.cli import main
@@ -111,7 +112,10 @@ def test_variants_parse_and_bad_ones_are_clear():
     base = ClusterSimSetup(replicas=16)
     assert parse_variant("kv:state_period_s=1:reserve=static", base) == ClusterSimSetup(
         replicas=16, router="kv", state_period_s=1.0, reserve="static")
+    assert parse_variant("least-loaded:prefix_slack=none", base).prefix_slack is None
+    assert parse_variant("kv:prefix_slack=4", base).prefix_slack == 4.0
     for bad, message in (("kv:colour=red", "not FIELD=VALUE"), ("kv:state_period_s=soon", "takes seconds"),
+                         ("kv:prefix_slack=some", "takes requests or none"),
                          ("random", "router='random'"), ("kv:reserve=half", "reserve='half'")):
         with pytest.raises(ValueError, match=message):
             parse_variant(bad, base)
@@ -126,3 +130,18 @@ def test_cli_cluster_sweep_writes_a_report_per_router(tmp_path, capsys):
     assert "Cluster simulator: 3 replicas" in summary and "| kv |" in summary and "| p2c |" in summary
     assert main(["sim", "--replicas", "2", "--policies", "vllm,cacheopt"]) == 2
     assert "one replica policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("router", ["kv", "least-loaded"])
+def test_prefix_affinity_sends_sessions_where_their_history_is_cached(router):
+    """On multi-turn sessions, routing by the prefix the router sent where raises the share
+    of prompt tokens vLLM's prefix cache serves, against the same router without it."""
+    trace = scale_to_rate(session_trace(SessionWorkload(num_sessions=120), seed=1), 40.0)
+    predictor = LengthQuantilePredictor.fit((r.prompt_tokens, r.output_tokens) for r in trace[:100])
+    hits = {}
+    for slack in (None, 2.0):
+        result = simulate_cluster(trace, "cacheopt", SETUP, ClusterSimSetup(replicas=4, router=router, prefix_slack=slack),
+                                  predictor, seed=0)
+        counters = result.stats.counters
+        hits[slack] = counters["prefix_hit_tokens"] / counters["prefix_query_tokens"]
+    assert hits[2.0] > hits[None] + 0.05, hits
