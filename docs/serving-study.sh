@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 11's figures (docs/RESULTS.md section 4): the serving path on this machine, side by
-# side. About two hours on 2 cores (steps 5 and 7 about half an hour each); run nothing else
+# side. About two and a half hours on 2 cores (steps 5, 7 and 8 about half an hour each); run nothing else
 # meanwhile. Results in $OUT.
 #   1. ./run.sh's job from start to the first served token, and /health while it starts
 #   2. the latency the HTTP path adds over calling the replicas' engine directly
@@ -11,11 +11,12 @@
 #      HAProxy's least connections and Ray Serve's default router
 #   6. two replicas against Ray Serve LLM with two replicas of the same engine
 #   7. two replicas of the real engine: KV-headroom routing against least connections
+#   8. the same on multi-turn sessions: KV-headroom routing with prefix affinity against least connections
 # STEPS="3 5" runs some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-reports/serving}
-STEPS=${STEPS:-1 2 3 4 5 6 7}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 # The engine of steps 3, 6 and 7, for the cluster and every baseline alike.
@@ -170,6 +171,20 @@ $CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.
   --rates 8,12,16 --limit 150 --repeats 2 --replay train --no-progress --out "$OUT/two-replicas-routing-train"
 $CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.0.0.1:8001 \
   --rates 8,12,16 --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas-routing"
+stop $LEASTCONN
+stop $KV
+fi
+
+# 8. The same two clusters on multi-turn sessions behind shared system prompts (bench/sessions.py):
+# `router: kv` sends a prompt where its prefix is cached (HAProxy forwards it the body); least
+# connections does not look. Its prefix slack was chosen on the simulator's training split.
+if want 8; then
+printf 'replicas: 2\nrouter: kv\nport: 8000\n%s\n' "$ENGINE" > "$OUT/two-kv.yaml"
+printf 'replicas: 2\nport: 8001\n%s\n' "$ENGINE" > "$OUT/two-leastconn.yaml"
+start KV serve-two-kv.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/two-kv.yaml"
+start LEASTCONN serve-two-leastconn.log http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/two-leastconn.yaml"
+$CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.0.0.1:8001 --trace sessions \
+  --rates ${SESSION_RATES:-12,16,24} --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas-sessions"
 stop $LEASTCONN
 stop $KV
 fi
