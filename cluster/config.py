@@ -73,9 +73,9 @@ class ClusterConfig(_Strict):
     # serve-proxy: Serve's own Python proxy (cluster/ingress.py; docs/RESULTS.md 4.1-4.3).
     ingress: Literal["haproxy", "serve-proxy"] = "haproxy"
     # p2c: the ingress's own balancing (HAProxy: least connections; Serve's proxy: its
-    # default router, power of two choices on queue length); kv: our KV-headroom router
-    # (cluster.router; behind HAProxy through cluster.route_service), opt-in because it has
-    # not been shown to beat HAProxy's least connections (docs/RESULTS.md 4.3).
+    # default router, power of two choices on queue length); kv: our KV-headroom router with
+    # prefix affinity behind HAProxy (cluster.router; through cluster.route_service), opt-in
+    # because it has not been shown to beat HAProxy's least connections (docs/RESULTS.md 4.3, 4.6).
     router: Literal["kv", "p2c"] = "p2c"
     # Clients must send `Authorization: Bearer <one of these>` to /v1/* (vLLM's --api-key);
     # empty: no authentication (the embedded default binds loopback only). /health is always

@@ -26,6 +26,7 @@ def test_cluster_yaml_passes_rays_schema(name):
     starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
     assert all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in starts)
     assert all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in starts)  # the default ingress (cluster/ingress.py)
+    assert all("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1" in c for c in starts)  # router: kv reads prompts
     assert "--dashboard-host=127.0.0.1" in head
     assert "CACHEOPT_API_KEY=" in head and "CACHEOPT_REDIS_URL=$(cat ~/.cacheopt-redis-url)" in head
     assert "~/.cacheopt" in config["file_mounts"].values()
