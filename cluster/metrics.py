@@ -27,6 +27,10 @@ CACHEOPT_COUNTERS = {
     "preempt_swap": ("cacheopt_preemptions_total", "preemptions by mode", {"mode": "swap"}),
     "length_table_switches": ("cacheopt_length_table_switches_total", "times the engine switched to a length "
                               "table refitted on the served completions (online calibration)", {}),
+    "prefix_query_tokens": ("cacheopt_prefix_cache_queried_tokens_total", "prompt tokens of requests placed, "
+                            "looked up in vLLM's prefix cache", {}),
+    "prefix_hit_tokens": ("cacheopt_prefix_cache_hit_tokens_total", "of those, tokens vLLM's prefix cache held "
+                          "(their prefill skipped)", {}),
     "abort": ("cacheopt_engine_aborts_total", "requests the engine aborted before their end (client left, stop "
               "sequence)", {}),
 }

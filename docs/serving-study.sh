@@ -184,7 +184,10 @@ printf 'replicas: 2\nport: 8001\n%s\n' "$ENGINE" > "$OUT/two-leastconn.yaml"
 start KV serve-two-kv.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/two-kv.yaml"
 start LEASTCONN serve-two-leastconn.log http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/two-leastconn.yaml"
 $CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.0.0.1:8001 --trace sessions \
-  --rates ${SESSION_RATES:-12,16,24} --limit 150 --repeats 2 --no-progress --out "$OUT/two-replicas-sessions"
+  --rates ${SESSION_RATES:-4,8,12} --limit 150 --repeats ${SESSION_REPEATS:-3} --no-progress --out "$OUT/two-replicas-sessions"
+for target in kv:8000 leastconn:8001; do  # prompt tokens vLLM's prefix cache served, over every run
+  curl -sf "http://127.0.0.1:${target#*:}/metrics" | grep '^cacheopt_prefix_cache' > "$OUT/sessions-prefix-cache-${target%:*}.txt"
+done
 stop $LEASTCONN
 stop $KV
 fi

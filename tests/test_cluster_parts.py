@@ -327,7 +327,8 @@ def test_metrics_sum_the_replicas_and_use_vllm_names():
     b.on_first_token(3.0)
     b.on_finish(7)
     replicas = {"r0": {"metrics": a.as_dict(), "snapshot": snap(counters={"admit": 3, "embed": 1,
-                                                                           "preempt_recompute": 2}).to_dict()},
+                                                                           "preempt_recompute": 2,
+                                                                           "prefix_hit_tokens": 32}).to_dict()},
                 "r1": {"metrics": b.as_dict(), "snapshot": None}}
     text = render(replicas, 0.65, 12.5)
     for line in ("vllm:prompt_tokens_total 17", 'vllm:time_to_first_token_seconds_bucket{le="0.05"} 1',
@@ -335,7 +336,8 @@ def test_metrics_sum_the_replicas_and_use_vllm_names():
                  "vllm:generation_tokens_total 7",
                  'cacheopt_reservations_total{replica="r0"} 3', 'cacheopt_embeddings_total{replica="r0"} 1',
                  'cacheopt_preemptions_total{replica="r0",mode="recompute"} 2', "cacheopt_confidence_p 0.65",
-                 "cacheopt_arrival_rate_rps 12.5", 'vllm:num_requests_running{replica="r0"} 1'):
+                 "cacheopt_arrival_rate_rps 12.5", 'vllm:num_requests_running{replica="r0"} 1',
+                 'cacheopt_prefix_cache_hit_tokens_total{replica="r0"} 32'):
         assert line in text, line
     assert 'replica="r1"' not in text  # no snapshot, no made-up numbers
 
