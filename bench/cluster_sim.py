@@ -178,7 +178,7 @@ class _Router:
     def choose(self, now: float, request: Request) -> int:
         started = time.perf_counter()
         n = len(self.replicas)
-        keys = request.prefix_keys or () if self.prefixes is not None else ()
+        keys = (request.prefix_keys or ()) if self.prefixes is not None else ()
         matched = [self.prefixes.matched(i, keys) if keys else 0 for i in range(n)]  # type: ignore[union-attr]
         if n == 1:
             choice = 0

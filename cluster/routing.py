@@ -47,7 +47,7 @@ class ReplicaView(NamedTuple):
     snapshot: KVSnapshot | None
     sent_since_snapshot: int = 0  # requests this router sent it after the snapshot (or the count below) was taken
     healthy: bool = True  # False: it failed requests lately or its engine is dead
-    request_blocks: float = 0.0  # what a request asks of its KV cache, smoothed, as the replica saw
+    request_blocks: float = 0.0  # what a finished request held (prompt and output), smoothed, as the replica reports
     # Requests the replica holds (its engine's and those being prepared), when it reports
     # them: then the load, with `sent_since_snapshot` counted from when it was read.
     accepted: int | None = None
@@ -56,8 +56,9 @@ class ReplicaView(NamedTuple):
 
 
 def blocks_per_request(views: Sequence[ReplicaView]) -> float:
-    """The charge for each request sent since a snapshot (the router cannot see request
-    bodies): what the replicas say a request asks for, on average."""
+    """The charge for each request sent since a snapshot: what the replicas say a
+    finished request held, on average (the worst case, prompt plus max_tokens, is several
+    times that: with it the rule saw most replicas without room and ranked by room alone)."""
     known = [v.request_blocks for v in views if v.request_blocks > 0]
     return sum(known) / len(known) if known else 0.0
 
@@ -74,8 +75,8 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | No
     does not report them, plus those sent since) goes first, as Serve's default router
     would pick: where KV is not short, compute is what a new request waits for. Except
     that among those within `prefix_slack` requests of the least loaded, the longest
-    prefix held goes first (then the least loaded). Replicas that failed requests lately
-    go last."""
+    prefix held goes first (then the least loaded); a prefix held is also room, blocks the
+    request will not need there. Replicas that failed requests lately go last."""
     oldest = now_s - SNAPSHOT_MAX_AGE_S
     if any(v.snapshot is None or v.snapshot.taken_s < oldest for v in views):
         return None
@@ -141,8 +142,9 @@ def prompt_block_keys(body: bytes, block_tokens: int, max_blocks: int = 4096) ->
     """Keys of the full blocks of an OpenAI request's prompt, each naming the prompt up to
     its end (a chained hash), for PrefixIndex: token ids in blocks of `block_tokens` (the
     engine's block size, so a key is one of vLLM's blocks), text (a completion's prompt,
-    or a chat's messages in order) in blocks of about as many tokens. None for what is not
-    such a request, or a body cut short (HAProxy forwards at most its buffer): no keys."""
+    or a chat's messages in order) in blocks of about as many tokens. No keys for anything
+    else, or for a body cut short (HAProxy forwards at most its buffer). Python's hash:
+    keys compare within one process (the router's), which is all PrefixIndex needs."""
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError):
