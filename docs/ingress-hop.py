@@ -1,11 +1,13 @@
 """What the HAProxy hop itself costs (docs/RESULTS.md 4.1).
 
-    python docs/ingress-hop.py [URL] [REQUESTS]   # a cluster with ingress: haproxy running on this machine
+    python docs/ingress-hop.py [URL] [REQUESTS] [PROMPT_TOKENS]   # a cluster with ingress: haproxy running here
 
 Times one-token completions one at a time, alternately through the cluster's URL (HAProxy,
 then a replica; with `router: kv`, HAProxy asks the route service first) and straight to a
 replica's own HTTP port (Ray's direct-ingress range, found among the listening sockets of
 this machine's serving replicas), and prints the p50 and p95 of each and their difference.
+The prompt is "Hello", or PROMPT_TOKENS token ids (a body the route service reads with
+`router: kv`).
 """
 
 import json
@@ -42,7 +44,9 @@ def main() -> None:
         sys.exit("no replica HTTP port found: is a cluster with ingress: haproxy running here?")
     direct = f"http://127.0.0.1:{ports[0]}"
     times: dict[str, list[float]] = {"ingress": [], "replica": []}
-    body = {"model": httpx.get(f"{url}/v1/models").json()["data"][0]["id"], "prompt": "Hello", "max_tokens": 1}
+    prompt_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    prompt = list(range(3, 3 + prompt_tokens)) if prompt_tokens else "Hello"
+    body = {"model": httpx.get(f"{url}/v1/models").json()["data"][0]["id"], "prompt": prompt, "max_tokens": 1}
     with httpx.Client(timeout=30) as client:
         for i in range(requests + 20):  # the first 20 of each warm up
             for name, base in (("ingress", url), ("replica", direct))[:: 1 if i % 2 else -1]:
