@@ -18,7 +18,8 @@ Each replica is `bench.simulate.ReplicaSim` (the pure core and simulated engine 
 among replicas within that many requests of the least loaded, the one sent the longest
 prefix of the request's prompt lately goes first. `least-loaded` so is Ray Serve LLM's
 PrefixCacheAffinityRouter with fresh queue lengths; `prefix_slack=none` turns it off
-(`least-loaded:prefix_slack=none` is HAProxy's least connections).
+(`least-loaded:prefix_slack=none` is HAProxy's least connections). `kv:headroom=off` is
+the rule without its KV part: load (as the router sees it, late) and prefix alone.
 
 Every `report_period_s` each replica reports to `global_scheduler.control.ClusterControl`
 (the global scheduler's own logic) and takes back p and its reserve lease, applied as the
@@ -75,12 +76,13 @@ class ClusterSimSetup:
     reserve: str = "pressure"
     p_scope: str = "cluster"
     prefix_slack: float | None = PREFIX_SLACK_REQUESTS  # kv and least-loaded; None: no prefix affinity
+    headroom: str = "on"  # kv: "off" ranks by load and prefix alone (the ablation without KV)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas={self.replicas} must be >= 1")
         for name, value, allowed in (("router", self.router, ROUTERS), ("reserve", self.reserve, RESERVES),
-                                     ("p_scope", self.p_scope, P_SCOPES)):
+                                     ("p_scope", self.p_scope, P_SCOPES), ("headroom", self.headroom, ("on", "off"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
         if self.state_period_s <= 0 or self.state_delay_s < 0 or not 0 < self.report_period_s <= REPLICA_SILENT_S / 2:
@@ -202,7 +204,7 @@ class _Router:
                         sent.popleft()
                 views.append(ReplicaView(snap, len(sent), True, self.request_blocks[i], prefix_blocks=matched[i]))
             slack = self.setup.prefix_slack if self.setup.prefix_slack is not None else 0.0
-            order = rank_by_headroom(views, now, prefix_slack=slack)
+            order = rank_by_headroom(views, now, prefix_slack=slack, headroom=self.setup.headroom == "on")
             choice = self._p2c() if order is None else order[0]
         if self.published:  # the KV rule charges what it sent since a snapshot; the others need no record
             self.sent[choice].append(now)

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="variants, each ROUTER[:FIELD=VALUE...] with ROUTER one of kv, p2c, least-loaded, "
                               "round-robin and FIELD one of state_period_s, state_delay_s, report_period_s, "
                               "reserve (pressure, static, none), p_scope (cluster, replica), prefix_slack (requests, or none: no "
-                              "prefix affinity; kv and least-loaded), e.g. kv:state_period_s=1 "
+                              "prefix affinity; kv and least-loaded), headroom (kv: on, off), e.g. kv:state_period_s=1 "
                               "(default %(default)s)")
     cluster.add_argument("--state-period", type=float, default=0.1,
                          help="seconds between a replica's snapshots reaching the router (default 0.1, as deployed)")

@@ -64,7 +64,7 @@ def blocks_per_request(views: Sequence[ReplicaView]) -> float:
 
 
 def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | None = None,
-                     prefix_slack: float = PREFIX_SLACK_REQUESTS) -> list[int] | None:
+                     prefix_slack: float = PREFIX_SLACK_REQUESTS, headroom: bool = True) -> list[int] | None:
     """Candidate indices, best first (the best `limit` of them), or None when some
     snapshot is missing or stale.
 
@@ -76,7 +76,9 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | No
     would pick: where KV is not short, compute is what a new request waits for. Except
     that among those within `prefix_slack` requests of the least loaded, the longest
     prefix held goes first (then the least loaded); a prefix held is also room, blocks the
-    request will not need there. Replicas that failed requests lately go last."""
+    request will not need there. Replicas that failed requests lately go last.
+    `headroom=False` is the ablation without KV: every replica counts as having room
+    (load and prefix alone; docs/RESULTS.md 4.6)."""
     oldest = now_s - SNAPSHOT_MAX_AGE_S
     if any(v.snapshot is None or v.snapshot.taken_s < oldest for v in views):
         return None
@@ -85,7 +87,8 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | No
     for v in views:
         s = v.snapshot
         assert s is not None
-        room = s.headroom_blocks - charge * (v.sent_since_snapshot + v.preparing) + v.prefix_blocks
+        room = s.headroom_blocks - charge * (v.sent_since_snapshot + v.preparing) + v.prefix_blocks if headroom \
+            else charge
         held = s.num_running + s.num_waiting if v.accepted is None else v.accepted
         rows.append((room, room >= charge, v.sent_since_snapshot + held))
     least = min((load for (_, fits, load), v in zip(rows, views) if fits and v.healthy), default=0)
@@ -221,7 +224,7 @@ class RoutingState:
 
     def rank(self, candidates: Sequence, now_s: float, limit: int | None = None,
              prefix_blocks: Sequence[int] | None = None,
-             prefix_slack: float = PREFIX_SLACK_REQUESTS) -> list[int] | None:
+             prefix_slack: float = PREFIX_SLACK_REQUESTS, headroom: bool = True) -> list[int] | None:
         """rank_by_headroom's answer for `candidates` (indices into it); `prefix_blocks`:
         each candidate's ReplicaView.prefix_blocks (none: zeros)."""
         if len(candidates) != len(self._candidates) or not all(map(operator.is_, candidates, self._candidates)):
@@ -236,7 +239,8 @@ class RoutingState:
         known = self._request_blocks[self._request_blocks > 0]
         charge = float(known.mean()) if known.size else 0.0
         prefix = np.zeros(len(candidates)) if prefix_blocks is None else np.asarray(prefix_blocks, dtype=float)
-        room = self._headroom - charge * (self._sent_count + self._preparing) + prefix
+        room = self._headroom - charge * (self._sent_count + self._preparing) + prefix if headroom \
+            else np.full(len(candidates), charge)
         fits = room >= charge
         load = np.where(fits, self._sent_count + self._base_load, 0.0)
         eligible = fits & ~self._unhealthy

@@ -242,6 +242,9 @@ def test_the_rule_sends_a_prefix_where_it_is_cached_within_the_slack():
              ReplicaView(snap(free=9), accepted=0, request_blocks=10)]
     assert rank_by_headroom(tight, 100.5) == [0, 1]
     assert rank_by_headroom([v._replace(prefix_blocks=0) for v in tight], 100.5) == [1, 0]
+    # Without its KV part the rule ranks by load (then prefix within the slack) alone.
+    full = [ReplicaView(snap(free=0), accepted=0, request_blocks=10), ReplicaView(snap(free=90), accepted=3, request_blocks=10)]
+    assert rank_by_headroom(full, 100.5) == [1, 0] and rank_by_headroom(full, 100.5, headroom=False) == [0, 1]
 
 
 def test_the_prefix_index_keeps_what_a_kv_cache_of_its_size_keeps():
@@ -278,8 +281,9 @@ def test_prompt_block_keys_name_each_prefix():
                           st.sampled_from([99.0, 99.5, 100.0]),
                           st.one_of(st.none(), st.tuples(st.integers(0, 8), st.integers(0, 3)))), min_size=1, max_size=12),
        st.lists(st.integers(0, 11), max_size=10), st.sampled_from([None, 1, 3]),
-       st.one_of(st.none(), st.lists(st.integers(0, 20), min_size=12, max_size=12)), st.sampled_from([0, 2, 5]))
-def test_routing_state_ranks_as_the_rule(replicas, sends, limit, prefixes, slack):
+       st.one_of(st.none(), st.lists(st.integers(0, 20), min_size=12, max_size=12)), st.sampled_from([0, 2, 5]),
+       st.booleans())
+def test_routing_state_ranks_as_the_rule(replicas, sends, limit, prefixes, slack, headroom):
     """The array form the router runs ranks exactly as rank_by_headroom, the rule, over
     the same snapshots, requests held (where a replica reports them), requests sent
     since and prefixes held (ties included)."""
@@ -305,7 +309,8 @@ def test_routing_state_ranks_as_the_rule(replicas, sends, limit, prefixes, slack
                                  stats.get("accepted"), stats.get("preparing", 0),
                                  prefixes[i] if prefixes else 0))
     blocks = prefixes[:len(candidates)] if prefixes else None
-    assert state.rank(candidates, 100.5, limit, blocks, slack) == rank_by_headroom(views, 100.5, limit, slack)
+    assert state.rank(candidates, 100.5, limit, blocks, slack, headroom) == rank_by_headroom(views, 100.5, limit, slack,
+                                                                                              headroom)
 
 
 def test_reserve_follows_pressure_within_budget_and_caps():

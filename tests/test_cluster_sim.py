@@ -114,9 +114,11 @@ def test_variants_parse_and_bad_ones_are_clear():
         replicas=16, router="kv", state_period_s=1.0, reserve="static")
     assert parse_variant("least-loaded:prefix_slack=none", base).prefix_slack is None
     assert parse_variant("kv:prefix_slack=4", base).prefix_slack == 4.0
+    assert parse_variant("kv:headroom=off", base).headroom == "off"
     for bad, message in (("kv:colour=red", "not FIELD=VALUE"), ("kv:state_period_s=soon", "takes seconds"),
                          ("kv:prefix_slack=some", "takes requests or none"),
-                         ("random", "router='random'"), ("kv:reserve=half", "reserve='half'")):
+                         ("random", "router='random'"), ("kv:reserve=half", "reserve='half'"),
+                         ("kv:headroom=no", "headroom='no'")):
         with pytest.raises(ValueError, match=message):
             parse_variant(bad, base)
 
