@@ -34,6 +34,7 @@ def request_router_config(config: ClusterConfig) -> RequestRouterConfig:
     its own default period rather than ten times a second from every replica."""
     if config.router == "kv":
         return RequestRouterConfig(request_router_class=KVHeadroomRouter,
+                                   request_router_kwargs={"headroom": config.router_headroom},
                                    request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
                                    request_routing_stats_timeout_s=1.0)
     return RequestRouterConfig()

@@ -77,6 +77,10 @@ class ClusterConfig(_Strict):
     # prefix affinity behind HAProxy (cluster.router; through cluster.route_service), opt-in
     # because it has not been shown to beat HAProxy's least connections (docs/RESULTS.md 4.3, 4.6).
     router: Literal["kv", "p2c"] = "p2c"
+    # router: kv ranks replicas with KV room first (cluster.routing.rank_by_headroom); false:
+    # by load and cached prefix alone, the ablation that did better in the simulator
+    # (docs/RESULTS.md 4.6).
+    router_headroom: bool = True
     # Clients must send `Authorization: Bearer <one of these>` to /v1/* (vLLM's --api-key);
     # empty: no authentication (the embedded default binds loopback only). /health is always
     # open; /metrics is open unless metrics_require_key.

@@ -27,7 +27,8 @@ from cluster.routing import RANKED_CANDIDATES, PrefixIndex, RoutingState
 class KVHeadroomRouter(FIFOMixin, RequestRouter):
     """`request_router_class` of the serving deployment (see the module docstring)."""
 
-    def initialize_state(self, **kwargs) -> None:
+    def initialize_state(self, headroom: bool = True, **kwargs) -> None:
+        self._headroom = headroom  # ClusterConfig.router_headroom
         self._state = RoutingState()
         self._prefixes = PrefixIndex()
         self._rng = random.Random()
@@ -43,14 +44,14 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
             keys = pending_request.kwargs.get(PREFIX_KEYS) or ()
             ids = [r.replica_id.unique_id for r in candidate_replicas]
             prefix = [self._prefixes.matched(rid, keys) for rid in ids] if keys else None
-            order = self._state.rank(candidate_replicas, now, limit=1, prefix_blocks=prefix)
+            order = self._state.rank(candidate_replicas, now, limit=1, prefix_blocks=prefix, headroom=self._headroom)
             pick = order[0] if order else self._rng.randrange(len(candidate_replicas))
             self._state.on_send(ids[pick], now)
             if keys:
                 self._prefixes.keep_only(ids)
                 self._prefixes.record(ids[pick], keys, self._state.total_blocks(pick))
             return [[candidate_replicas[pick]]]
-        order = self._state.rank(candidate_replicas, now, limit=RANKED_CANDIDATES)
+        order = self._state.rank(candidate_replicas, now, limit=RANKED_CANDIDATES, headroom=self._headroom)
         if order is None:  # power of two choices on queue length, as Serve's default router
             pair = self._rng.sample(candidate_replicas, min(2, len(candidate_replicas)))
             return [pair]

@@ -247,6 +247,16 @@ def test_the_rule_sends_a_prefix_where_it_is_cached_within_the_slack():
     assert rank_by_headroom(full, 100.5) == [1, 0] and rank_by_headroom(full, 100.5, headroom=False) == [0, 1]
 
 
+def test_router_headroom_reaches_the_request_router():
+    from cluster.app import request_router_config
+    from cluster.router import KVHeadroomRouter
+
+    config = request_router_config(load_config(router="kv", router_headroom=False))
+    assert config.request_router_class == f"{KVHeadroomRouter.__module__}.{KVHeadroomRouter.__name__}"
+    assert config.request_router_kwargs == {"headroom": False}
+    assert request_router_config(load_config(router="kv")).request_router_kwargs == {"headroom": True}
+
+
 def test_the_prefix_index_keeps_what_a_kv_cache_of_its_size_keeps():
     index = PrefixIndex()
     index.record("a", (1, 2, 3, 4), capacity_blocks=6)
