@@ -175,8 +175,9 @@ class LLMServer:
         self.ready_replicas = 0
         self._scheduler_started_s: float | None = None  # of the scheduler we configured; None: configure it
         self.failures: deque[float] = deque(maxlen=64)
-        # What a request asks of the KV cache here, prompt plus output cap, smoothed: the
-        # router charges it for each request it sends before a snapshot shows that request.
+        # What a finished request held in the KV cache here, prompt and output, smoothed (from
+        # half a context until requests finish): the router charges it for each request it
+        # sends before a snapshot shows that request.
         self.request_blocks = float(blocks_for(self.config.engine.max_model_len // 2, self.config.engine.block_size))
         self.store = RedisStore(self.config.redis_url) if self.config.redis_url else None
         self._global = None
