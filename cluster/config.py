@@ -103,6 +103,12 @@ class ClusterConfig(_Strict):
     engine: EngineConfig = EngineConfig()
     policy: PolicyConfig = PolicyConfig()
 
+    @model_validator(mode="after")
+    def _headroom_needs_the_kv_router(self) -> ClusterConfig:
+        if not self.router_headroom and self.router != "kv":
+            raise ValueError("router_headroom: false changes router: kv only; set router: kv or drop it")
+        return self
+
     @field_validator("api_keys", "trusted_api_keys")
     @classmethod
     def _usable_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:

@@ -48,7 +48,8 @@ def test_yaml_and_overrides_merge_and_errors_name_the_key(tmp_path):
     for text, message in [("replicas: 0\n", "replicas"), ("engine:\n  kind: tpu\n", "engine.kind"),
                           ("policy:\n  name: fifo\n", "unknown policy"), ("colour: blue\n", "colour"),
                           ("engine:\n  kv_blocks: 10\n", "cannot hold one request"), ("[1, 2]\n", "mapping"),
-                          ("replicas: [\n", "not valid YAML")]:
+                          ("replicas: [\n", "not valid YAML"),
+                          ("router_headroom: false\n", "changes router: kv only")]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load_config(path)
