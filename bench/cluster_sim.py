@@ -18,8 +18,9 @@ Each replica is `bench.simulate.ReplicaSim` (the pure core and simulated engine 
 among replicas within that many requests of the least loaded, the one sent the longest
 prefix of the request's prompt lately goes first. `least-loaded` so is Ray Serve LLM's
 PrefixCacheAffinityRouter with fresh queue lengths; `prefix_slack=none` turns it off
-(`least-loaded:prefix_slack=none` is HAProxy's least connections). `kv:headroom=off` is
-the rule without its KV part: load (as the router sees it, late) and prefix alone.
+(`least-loaded:prefix_slack=none` is HAProxy's least connections). `kv` ranks by load (as
+the router sees it, late) and prefix, as deployed; `kv:headroom=on` adds the rule's KV part
+(cluster.routing.ROUTER_HEADROOM).
 
 Every `report_period_s` each replica reports to `global_scheduler.control.ClusterControl`
 (the global scheduler's own logic) and takes back p and its reserve lease, applied as the
@@ -45,7 +46,14 @@ from dataclasses import dataclass, fields, replace
 from bench.metrics import RunStats
 from bench.simulate import STUCK_IDLE_PLANS, ReplicaSim, SimResult, SimSetup, fits_context, outcome_of
 from bench.traces import TraceRequest
-from cluster.routing import PREFIX_SLACK_REQUESTS, ROUTING_STATS_PERIOD_S, PrefixIndex, ReplicaView, rank_by_headroom
+from cluster.routing import (
+    PREFIX_SLACK_REQUESTS,
+    ROUTER_HEADROOM,
+    ROUTING_STATS_PERIOD_S,
+    PrefixIndex,
+    ReplicaView,
+    rank_by_headroom,
+)
 from global_scheduler.confidence import ArrivalRateEstimator, RateTunedConfidence
 from global_scheduler.control import REPLICA_SILENT_S, REPORT_PERIOD_S, ClusterControl
 from predictor.base import OutputLengthPredictor
@@ -76,7 +84,7 @@ class ClusterSimSetup:
     reserve: str = "pressure"
     p_scope: str = "cluster"
     prefix_slack: float | None = PREFIX_SLACK_REQUESTS  # kv and least-loaded; None: no prefix affinity
-    headroom: str = "on"  # kv: "off" ranks by load and prefix alone (the ablation without KV)
+    headroom: str = "on" if ROUTER_HEADROOM else "off"  # kv: "on" adds the rule's KV part (off as deployed)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

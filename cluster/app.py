@@ -1,7 +1,8 @@
 """The Ray Serve application: one deployment of N serving replicas (cluster.server), behind
 HAProxy or Serve's own proxy (cluster.ingress), and the global scheduler actor
-(global_scheduler.actor) they report to. With `router: kv` Serve's proxy routes by KV
-headroom (cluster.router), and HAProxy asks a route service that runs the same router
+(global_scheduler.actor) they report to. With `router: kv` Serve's proxy routes by our
+rule (cluster.router: load from the replicas' snapshots, KV room with `router_headroom`),
+and HAProxy asks a route service that runs the same router and also weighs cached prefixes
 (cluster.route_service); otherwise each ingress balances by its own rule.
 
 `serve run cluster.app:build_app [config=path.yaml]` or `cacheopt serve` builds it.
@@ -28,7 +29,7 @@ REQUEST_SLOTS_SPARE = 16  # beyond the queue limit: /health, /metrics and the 42
 
 
 def request_router_config(config: ClusterConfig) -> RequestRouterConfig:
-    """kv: our KV-headroom router, fed each replica's KV snapshot as Serve's routing
+    """kv: our router (cluster.router), fed each replica's KV snapshot as Serve's routing
     statistics every ROUTING_STATS_PERIOD_S; p2c: Ray Serve's default router (power of two
     choices on queue length), which reads no routing statistics, so Serve collects them at
     its own default period rather than ten times a second from every replica."""

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-num-batched-tokens", type=int, default=8192,
                      help="per-step token budget of chunked prefill, vLLM's option (default %(default)s)")
     sim.add_argument("--max-tokens", type=int, default=1024, help="per-request output cap (default %(default)s)")
+    sim.add_argument("--max-model-len", type=int, default=None,
+                     help="longest prompt plus output a replica takes, vLLM's option (default: the latency model's, "
+                          "8192 for the Llama-3-8B models); match a real engine's settings with it")
+    sim.add_argument("--max-num-seqs", type=int, default=None,
+                     help="most requests a replica runs at once, vLLM's option (default: the latency model's, "
+                          "256 for the Llama-3-8B models)")
     sim.add_argument("--no-prefix-caching", action="store_true",
                      help="model vLLM with prefix caching off (no hits, not even a recomputed request's own blocks)")
     sim.add_argument("--confidence", type=float, default=None, help="CacheOPT's confidence p (default 0.7)")
@@ -128,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="variants, each ROUTER[:FIELD=VALUE...] with ROUTER one of kv, p2c, least-loaded, "
                               "round-robin and FIELD one of state_period_s, state_delay_s, report_period_s, "
                               "reserve (pressure, static, none), p_scope (cluster, replica), prefix_slack (requests, or none: no "
-                              "prefix affinity; kv and least-loaded), headroom (kv: on, off), e.g. kv:state_period_s=1 "
+                              "prefix affinity; kv and least-loaded), headroom (kv: on adds the rule's KV part, off as "
+                              "deployed), e.g. kv:state_period_s=1 "
                               "(default %(default)s)")
     cluster.add_argument("--state-period", type=float, default=0.1,
                          help="seconds between a replica's snapshots reaching the router (default 0.1, as deployed)")
@@ -362,6 +369,12 @@ def _engine_setup(args: argparse.Namespace):
     return config
 
 
+def _engine_sizes(setup) -> str:
+    e = setup.engine
+    return (f"max_model_len {e.max_model_len}, max_num_seqs {e.max_num_seqs}, "
+            f"max_num_batched_tokens {e.max_num_batched_tokens}")
+
+
 def _cluster_sim(args: argparse.Namespace, policies: tuple[str, ...], setup) -> int:
     from tqdm import tqdm
 
@@ -390,7 +403,8 @@ def _cluster_sim(args: argparse.Namespace, policies: tuple[str, ...], setup) -> 
     baseline = "p2c" if "p2c" in variants else next(iter(variants))
     wall = max(r["sim_wall_s"] for r in rows)
     setup_md = (f"## Setup\n\n{args.replicas} simulated replicas of `{policies[0]}` ({args.latency_model}, "
-                f"{setup.total_blocks()} KV blocks of {args.block_size} tokens each); trace `{args.trace}` "
+                f"{setup.total_blocks()} KV blocks of {args.block_size} tokens each, {_engine_sizes(setup)}); "
+                f"trace `{args.trace}` "
                 f"({args.replay} split), rates per replica (the cluster's is {args.replicas}x); confidence "
                 f"{args.confidence_mode}. Routers: " + ", ".join(f"`{v}`" for v in variants)
                 + f". Longest run: {wall:.1f} s of wall time. Command: `cacheopt {' '.join(sys.argv[1:])}`")
@@ -417,9 +431,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
     ablations = ("edf", *ablation_names(cacheopt)) if args.ablation else ()
     chosen = args.policies or (("cacheopt",) if args.replicas is not None else POLICY_NAMES)
     policies = chosen + tuple(p for p in ablations if p not in chosen)
+    sizes = {name: value for name, value in (("max_model_len", args.max_model_len),
+                                             ("max_num_seqs", args.max_num_seqs)) if value is not None}
     engine = _engine_config(LLAMA3_8B_H100, latency_model=args.latency_model, kv_blocks=args.kv_blocks or None,
                             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
-                            prefix_caching=not args.no_prefix_caching)
+                            prefix_caching=not args.no_prefix_caching, **sizes)
     setup = SimSetup(engine=engine, max_tokens=args.max_tokens, cacheopt=cacheopt)
     if len(args.p_range) != 2 or len(args.rate_band) != 2:
         raise ValueError("--p-range and --rate-band take two comma-separated numbers")
@@ -446,7 +462,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     setup_md = (f"## Setup\n\nTrace `{args.trace}` ({args.replay} split; predictor `{args.predictor}`, "
                 f"confidence {args.confidence_mode}), latency model `{args.latency_model}`, "
                 f"{setup.total_blocks()} KV blocks of {args.block_size} tokens, max_tokens {args.max_tokens}, "
-                f"max_num_batched_tokens {args.max_num_batched_tokens}, "
+                f"{_engine_sizes(setup)}, "
                 f"CacheOPT {cacheopt}. Command: `cacheopt {' '.join(sys.argv[1:])}`\n\nData: Azure LLM inference "
                 f"trace 2023 (CC-BY 4.0, Microsoft; Patel et al., Splitwise, ISCA 2024)"
                 + ("; AlpacaEval prompts and outputs (CC BY-NC 4.0, tatsu-lab/alpaca_eval)" if args.trace == "alpaca"

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.routing import ROUTER_HEADROOM
 from replicas.engines.config import EngineConfig
 from replicas.policies import SIMULATOR_ONLY, check_policy_names
 
@@ -73,14 +74,14 @@ class ClusterConfig(_Strict):
     # serve-proxy: Serve's own Python proxy (cluster/ingress.py; docs/RESULTS.md 4.1-4.3).
     ingress: Literal["haproxy", "serve-proxy"] = "haproxy"
     # p2c: the ingress's own balancing (HAProxy: least connections; Serve's proxy: its
-    # default router, power of two choices on queue length); kv: our KV-headroom router with
+    # default router, power of two choices on queue length); kv: our router, load and
     # prefix affinity behind HAProxy (cluster.router; through cluster.route_service), opt-in
     # because it has not been shown to beat HAProxy's least connections (docs/RESULTS.md 4.3, 4.6).
     router: Literal["kv", "p2c"] = "p2c"
-    # router: kv ranks replicas with KV room first (cluster.routing.rank_by_headroom); false:
-    # by load and cached prefix alone, the ablation that did better in the simulator
-    # (docs/RESULTS.md 4.6).
-    router_headroom: bool = True
+    # router: kv ranks by load and cached prefix; true adds the rule's KV part, replicas with
+    # KV room first (cluster.routing.rank_by_headroom), which did worse in the simulator
+    # (docs/RESULTS.md 4.6, 4.7).
+    router_headroom: bool = ROUTER_HEADROOM
     # Clients must send `Authorization: Bearer <one of these>` to /v1/* (vLLM's --api-key);
     # empty: no authentication (the embedded default binds loopback only). /health is always
     # open; /metrics is open unless metrics_require_key.
@@ -105,8 +106,9 @@ class ClusterConfig(_Strict):
 
     @model_validator(mode="after")
     def _headroom_needs_the_kv_router(self) -> ClusterConfig:
-        if not self.router_headroom and self.router != "kv":
-            raise ValueError("router_headroom: false changes router: kv only; set router: kv or drop it")
+        if self.router_headroom != ROUTER_HEADROOM and self.router != "kv":
+            raise ValueError(f"router_headroom: {str(self.router_headroom).lower()} changes router: kv only; "
+                             "set router: kv or drop it")
         return self
 
     @field_validator("api_keys", "trusted_api_keys")

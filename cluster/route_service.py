@@ -9,7 +9,8 @@ router's (KVHeadroomRouter, cluster/router.py), run through a deployment handle 
 sending anything, so one rule and one routing state serve both ingresses. Where Ray
 forwards the request body (`RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1`, which
 `cacheopt serve` sets for `router: kv`), the prompt's block keys go with the pick, for
-prefix affinity; without the body the rule routes by headroom and load alone.
+prefix affinity; without the body the rule routes by load (and KV room, with
+`router_headroom`) alone.
 
 Ray's hook for attaching it (`Application._with_ingress_request_router`) is internal to Ray
 Serve 2.60 (Ray Serve LLM's own use); the pinned Ray is what it was checked against.

@@ -1,4 +1,5 @@
-"""Choosing a replica by KV headroom, as a Ray Serve request router.
+"""Choosing a replica by load, cached prefix and (optionally) KV headroom, as a Ray Serve
+request router.
 
 `rank_by_headroom` (cluster/routing.py) is the rule. `KVHeadroomRouter` plugs it into
 Ray Serve (`request_router_class`). Behind Serve's HTTP proxy (and for any handle to the
@@ -21,13 +22,13 @@ import time
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from cluster.route_service import PREFIX_KEYS, ROUTE_ONLY
-from cluster.routing import RANKED_CANDIDATES, PrefixIndex, RoutingState
+from cluster.routing import RANKED_CANDIDATES, ROUTER_HEADROOM, PrefixIndex, RoutingState
 
 
 class KVHeadroomRouter(FIFOMixin, RequestRouter):
     """`request_router_class` of the serving deployment (see the module docstring)."""
 
-    def initialize_state(self, headroom: bool = True, **kwargs) -> None:
+    def initialize_state(self, headroom: bool = ROUTER_HEADROOM, **kwargs) -> None:
         self._headroom = headroom  # ClusterConfig.router_headroom
         self._state = RoutingState()
         self._prefixes = PrefixIndex()

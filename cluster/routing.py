@@ -2,9 +2,11 @@
 what the router knows of them. The Ray Serve router (cluster/router.py) and the cluster
 simulator (bench/cluster_sim.py) both call it.
 
-Replicas with KV room for one more request (free plus idle reservations, less what their
-queue will take and what this router sent them since their snapshot) first, the least
-loaded of them first; without room, the most headroom first; failing replicas last.
+The least loaded replica first, failing replicas last. With the rule's KV part on
+(`headroom`; off by default, ROUTER_HEADROOM), replicas with KV room for one more request
+(free plus idle reservations, less what their queue will take and what this router sent
+them since their snapshot) go before those without, and among those without room the most
+headroom first.
 
 A serving replica also reports the requests it holds (`accepted`, read at `read_s`), those
 still being parsed or tokenized included: its engine's snapshot, taken at the last step,
@@ -16,7 +18,7 @@ Prefix affinity (`PrefixIndex`): where a request's prompt starts with blocks thi
 sent to a replica lately, vLLM's prefix cache there likely still holds them, and the
 replica skips their prefill. Among replicas with room whose load is within
 `PREFIX_SLACK_REQUESTS` of the least loaded one, the one holding the longest prefix goes
-first; without a prefix anywhere the order is the headroom rule's.
+first; without a prefix anywhere the order is by load (and room) alone.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ ROUTING_STATS_PERIOD_S = 0.1  # how often Serve's controller collects each repli
 # How many requests more than the least loaded replica holds a replica may hold and still be
 # chosen for the prefix it caches (chosen on the sessions training split, docs/RESULTS.md 4.6).
 PREFIX_SLACK_REQUESTS = 2
+# Whether router: kv ranks by KV room before load (the rule's KV part). Off: the ablation
+# without it did better on the sessions training split, at the real engine's KV sizes too,
+# and at 1-64 replicas it never beat power of two choices (docs/RESULTS.md 4.6, 4.7, 7).
+ROUTER_HEADROOM = False
 
 
 class ReplicaView(NamedTuple):
@@ -64,7 +70,8 @@ def blocks_per_request(views: Sequence[ReplicaView]) -> float:
 
 
 def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | None = None,
-                     prefix_slack: float = PREFIX_SLACK_REQUESTS, headroom: bool = True) -> list[int] | None:
+                     prefix_slack: float = PREFIX_SLACK_REQUESTS,
+                     headroom: bool = ROUTER_HEADROOM) -> list[int] | None:
     """Candidate indices, best first (the best `limit` of them), or None when some
     snapshot is missing or stale.
 
@@ -77,8 +84,8 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | No
     that among those within `prefix_slack` requests of the least loaded, the longest
     prefix held goes first (then the least loaded); a prefix held is also room, blocks the
     request will not need there. Replicas that failed requests lately go last.
-    `headroom=False` is the ablation without KV: every replica counts as having room
-    (load and prefix alone; docs/RESULTS.md 4.6)."""
+    With `headroom=False` (ROUTER_HEADROOM, the default) every replica counts as having
+    room: load and prefix alone (docs/RESULTS.md 4.6, 4.7)."""
     oldest = now_s - SNAPSHOT_MAX_AGE_S
     if any(v.snapshot is None or v.snapshot.taken_s < oldest for v in views):
         return None
@@ -224,7 +231,7 @@ class RoutingState:
 
     def rank(self, candidates: Sequence, now_s: float, limit: int | None = None,
              prefix_blocks: Sequence[int] | None = None,
-             prefix_slack: float = PREFIX_SLACK_REQUESTS, headroom: bool = True) -> list[int] | None:
+             prefix_slack: float = PREFIX_SLACK_REQUESTS, headroom: bool = ROUTER_HEADROOM) -> list[int] | None:
         """rank_by_headroom's answer for `candidates` (indices into it); `prefix_blocks`:
         each candidate's ReplicaView.prefix_blocks (none: zeros)."""
         if len(candidates) != len(self._candidates) or not all(map(operator.is_, candidates, self._candidates)):

@@ -178,9 +178,9 @@ fi
 # 8. The same two clusters on multi-turn sessions behind shared system prompts (bench/sessions.py):
 # `router: kv` sends a prompt where its prefix is cached (HAProxy forwards it the body); least
 # connections does not look. Its prefix slack was chosen on the simulator's training split.
-# KV_HEADROOM=false runs the router without its KV part (router_headroom: false, the ablation).
+# KV_HEADROOM=true adds the rule's KV part (router_headroom: true, off by default: the ablation).
 if want 8; then
-printf 'replicas: 2\nrouter: kv\nrouter_headroom: %s\nport: 8000\n%s\n' "${KV_HEADROOM:-true}" "$ENGINE" > "$OUT/two-kv.yaml"
+printf 'replicas: 2\nrouter: kv\nrouter_headroom: %s\nport: 8000\n%s\n' "${KV_HEADROOM:-false}" "$ENGINE" > "$OUT/two-kv.yaml"
 printf 'replicas: 2\nport: 8001\n%s\n' "$ENGINE" > "$OUT/two-leastconn.yaml"
 start KV serve-two-kv.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/two-kv.yaml"
 start LEASTCONN serve-two-leastconn.log http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/two-leastconn.yaml"

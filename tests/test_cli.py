@@ -32,6 +32,9 @@ def test_sim_writes_a_report(tmp_path):
     (["sim", "--cacheopt-option", "colour=1"], "unknown CacheOptConfig option(s): colour"),
     (["sim", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens: Input should be greater than or equal to 1"),
     (["sim", "--max-num-batched-tokens", "128"], "max_num_seqs=256 must be <= max_num_batched_tokens=128"),
+    (["sim", "--kv-blocks", "128", "--block-size", "32"], "cannot hold one request of max_model_len=8192"),
+    (["sim", "--max-model-len", "8"], "--max-model-len: Input should be greater than or equal to 16"),
+    (["sim", "--max-num-seqs", "0"], "--max-num-seqs: Input should be greater than or equal to 1"),
     # The real engine's settings are the cluster's EngineConfig: its checks, named by flag.
     (["bench", "--engine", "vllm", "--kv-blocks", "3"], "cannot hold one request"),
     (["bench", "--engine", "vllm", "--max-num-seqs", "0"], "--max-num-seqs"),
@@ -42,6 +45,20 @@ def test_bad_input_is_one_line_not_a_traceback(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_sim_takes_a_real_engines_sizes(tmp_path):
+    """--max-model-len and --max-num-seqs set what the latency model's defaults would (8192
+    and 256), so the simulator can run a real engine's settings, here the serving study's
+    (docs/serving-study.sh); the summary records them."""
+    out = tmp_path / "report"
+    code = main(["sim", "--latency-model", "tiny-llama-cpu", "--kv-blocks", "128", "--block-size", "32",
+                 "--max-model-len", "2048", "--max-num-seqs", "64", "--max-num-batched-tokens", "512",
+                 "--max-tokens", "256", "--length-divisor", "4", "--policies", "cacheopt", "--rates", "4",
+                 "--limit", "100", "--replicas", "2", "--routers", "kv", "--no-progress", "--out", str(out)])
+    assert code == 0
+    assert "max_model_len 2048, max_num_seqs 64, max_num_batched_tokens 512" in (out / "summary.md").read_text()
+    assert json.loads((out / "results.json").read_text())[0]["num_finished"] > 0
 
 
 def test_sim_replays_a_users_trace_file(tmp_path):

@@ -153,10 +153,10 @@ def test_a_client_that_disconnects_frees_its_kv(cluster):
     assert snap["free_blocks"] + snap["reserve_free_blocks"] == snap["total_blocks"]
 
 
-def test_routing_prefers_the_replica_with_headroom(cluster):
-    """HAProxy routes by our KV-headroom router (through the route service): while one
-    replica holds a long request, small ones go to the other (each after the snapshots have caught up, so that
-    the rule, not the charge for requests in transit, decides)."""
+def test_routing_sends_requests_past_a_busy_replica(cluster):
+    """HAProxy routes by our router (through the route service): while one replica holds a
+    long request, small ones go to the other (each after the snapshots have caught up, so
+    that the load they report, not the charge for requests in transit, decides)."""
     body = {"model": MODEL, "prompt": list(range(3, 400)), "max_tokens": 600, "stream": True, "slo": "batch"}
     with httpx.stream("POST", f"{cluster['base']}/v1/completions", json=body, timeout=60) as hog:
         full = hog.headers["x-cacheopt-replica"]

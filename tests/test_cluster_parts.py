@@ -49,7 +49,7 @@ def test_yaml_and_overrides_merge_and_errors_name_the_key(tmp_path):
                           ("policy:\n  name: fifo\n", "unknown policy"), ("colour: blue\n", "colour"),
                           ("engine:\n  kv_blocks: 10\n", "cannot hold one request"), ("[1, 2]\n", "mapping"),
                           ("replicas: [\n", "not valid YAML"),
-                          ("router_headroom: false\n", "changes router: kv only")]:
+                          ("router_headroom: true\n", "changes router: kv only")]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load_config(path)
@@ -165,31 +165,31 @@ def test_api_keys_come_from_flags_or_the_environment(monkeypatch):
 
 def test_router_ranks_by_headroom_and_gives_up_on_stale_snapshots():
     views = [ReplicaView(snap(free=5)), ReplicaView(snap(free=40)), ReplicaView(snap(free=30, idle=20))]
-    assert rank_by_headroom(views, 100.5) == [2, 1, 0]
+    assert rank_by_headroom(views, 100.5, headroom=True) == [2, 1, 0]
     # Requests sent since a snapshot count against their replica, at what the replicas say a request asks.
     sent = [ReplicaView(snap(free=5), request_blocks=8), ReplicaView(snap(free=40), request_blocks=12),
             ReplicaView(snap(free=30, idle=20), sent_since_snapshot=1, request_blocks=10)]
     assert blocks_per_request(sent) == 10
-    assert rank_by_headroom(sent, 100.5) == [1, 2, 0]  # 50 - 10 = 40: tied with replica 1, which has fewer sent
+    assert rank_by_headroom(sent, 100.5, headroom=True) == [1, 2, 0]  # 50 - 10 = 40: tied with replica 1, which has fewer sent
     sent[2] = ReplicaView(snap(free=30, idle=20), sent_since_snapshot=2, request_blocks=10)
-    assert rank_by_headroom(sent, 100.5) == [1, 2, 0]
+    assert rank_by_headroom(sent, 100.5, headroom=True) == [1, 2, 0]
     # Where every replica has room, the least loaded goes first; room decides where KV is short.
     busy = dataclasses.replace(snap(free=90), num_running=5)
     idle = snap(free=40)
-    assert rank_by_headroom([ReplicaView(busy, request_blocks=10), ReplicaView(idle, request_blocks=10)], 100.5) == [1, 0]
+    assert rank_by_headroom([ReplicaView(busy, request_blocks=10), ReplicaView(idle, request_blocks=10)], 100.5, headroom=True) == [1, 0]
     assert rank_by_headroom([ReplicaView(busy, request_blocks=10), ReplicaView(snap(free=5), request_blocks=10)],
-                            100.5) == [0, 1]
+                            100.5, headroom=True) == [0, 1]
     # The queue's needs count against headroom.
-    assert rank_by_headroom([ReplicaView(snap(free=50, need=45)), ReplicaView(snap(free=20))], 100.5) == [1, 0]
+    assert rank_by_headroom([ReplicaView(snap(free=50, need=45)), ReplicaView(snap(free=20))], 100.5, headroom=True) == [1, 0]
     # A replica that failed requests lately goes last whatever its headroom.
-    assert rank_by_headroom([ReplicaView(snap(free=90), healthy=False), ReplicaView(snap(free=1))], 100.5) == [1, 0]
+    assert rank_by_headroom([ReplicaView(snap(free=90), healthy=False), ReplicaView(snap(free=1))], 100.5, headroom=True) == [1, 0]
     # A stale or missing snapshot: no ranking (Serve's power of two choices decides).
-    assert rank_by_headroom([ReplicaView(snap(free=5)), ReplicaView(snap(free=40, taken=0.0))], 100.5) is None
-    assert rank_by_headroom([ReplicaView(None), ReplicaView(snap())], 100.5) is None
+    assert rank_by_headroom([ReplicaView(snap(free=5)), ReplicaView(snap(free=40, taken=0.0))], 100.5, headroom=True) is None
+    assert rank_by_headroom([ReplicaView(None), ReplicaView(snap())], 100.5, headroom=True) is None
     assert snapshot_of({"kv": snap().to_dict()}) == snap() and snapshot_of({}) is None
     assert snapshot_of({"kv": {"bogus": 1}}) is None
     # The best `limit` only, in the same order.
-    assert rank_by_headroom(views, 100.5, limit=2) == [2, 1]
+    assert rank_by_headroom(views, 100.5, limit=2, headroom=True) == [2, 1]
 
 
 def _replica(name: str, stats: dict | None):
@@ -202,19 +202,19 @@ def test_the_rule_counts_requests_a_replica_holds_but_its_snapshot_has_not_seen(
     are charged from when that count was read."""
     a, b = snap(free=40), snap(free=40)  # engines alike: both idle at the snapshot
     assert rank_by_headroom([ReplicaView(a, accepted=3, preparing=3, request_blocks=10),
-                             ReplicaView(b, accepted=1, preparing=1, request_blocks=10)], 100.5) == [1, 0]
+                             ReplicaView(b, accepted=1, preparing=1, request_blocks=10)], 100.5, headroom=True) == [1, 0]
     # Preparing requests take KV room too: 40 - 10 * 4 leaves none on a.
     assert rank_by_headroom([ReplicaView(a, accepted=4, preparing=4, request_blocks=10),
-                             ReplicaView(snap(free=15), accepted=9, preparing=0, request_blocks=10)], 100.5) == [1, 0]
+                             ReplicaView(snap(free=15), accepted=9, preparing=0, request_blocks=10)], 100.5, headroom=True) == [1, 0]
     state = RoutingState()
     ra = _replica("a", {"kv": a.to_dict(), "request_blocks": 10.0, "accepted": 2, "preparing": 2, "read_s": 100.2})
     rb = _replica("b", {"kv": b.to_dict(), "request_blocks": 10.0, "accepted": 0, "preparing": 0, "read_s": 100.2})
-    assert state.rank([ra, rb], 100.5) == [1, 0]
+    assert state.rank([ra, rb], 100.5, headroom=True) == [1, 0]
     state.on_send("b", 100.1)  # before b's count was read: in it already, not charged again
     state.on_send("b", 100.3)
     state.on_send("b", 100.4)
     state.on_send("b", 100.45)
-    assert state.rank([ra, rb], 100.5) == [0, 1]  # b: 0 held + 3 sent since; a: 2 held
+    assert state.rank([ra, rb], 100.5, headroom=True) == [0, 1]  # b: 0 held + 3 sent since; a: 2 held
 
 
 def test_routing_state_parses_each_statistics_once_and_charges_what_it_sent():
@@ -223,39 +223,40 @@ def test_routing_state_parses_each_statistics_once_and_charges_what_it_sent():
     state = RoutingState()
     a = _replica("a", {"kv": snap(free=40).to_dict(), "request_blocks": 30.0})
     b = _replica("b", {"kv": snap(free=45).to_dict(), "request_blocks": 30.0})
-    assert state.rank([a, b], 100.5) == [1, 0]
+    assert state.rank([a, b], 100.5, headroom=True) == [1, 0]
     state.on_send("b", 100.2)  # after b's snapshot (taken at 100.0): b's room is 15 < 30, a's is 40
-    assert state.rank([a, b], 100.5) == [0, 1]
+    assert state.rank([a, b], 100.5, headroom=True) == [0, 1]
     b.routing_stats = {"kv": dataclasses.replace(snap(free=45), taken_s=100.3).to_dict(), "request_blocks": 30.0}
-    assert state.rank([a, b], 100.5) == [1, 0]  # the new snapshot has seen it
-    assert state.rank([a, _replica("c", None)], 100.5) is None  # no snapshot: Serve's default decides
-    assert state.rank([a, b], 103.0) is None  # stale
+    assert state.rank([a, b], 100.5, headroom=True) == [1, 0]  # the new snapshot has seen it
+    assert state.rank([a, _replica("c", None)], 100.5, headroom=True) is None  # no snapshot: Serve's default decides
+    assert state.rank([a, b], 103.0, headroom=True) is None  # stale
 
 
 def test_the_rule_sends_a_prefix_where_it_is_cached_within_the_slack():
     views = [ReplicaView(snap(free=60), accepted=2, request_blocks=10, prefix_blocks=20),
              ReplicaView(snap(free=60), accepted=0, request_blocks=10)]
-    assert rank_by_headroom(views, 100.5, prefix_slack=2) == [0, 1]  # two more held, within the slack
-    assert rank_by_headroom(views, 100.5, prefix_slack=1) == [1, 0]  # beyond it: the least loaded
-    assert rank_by_headroom([v._replace(prefix_blocks=0) for v in views], 100.5, prefix_slack=2) == [1, 0]
+    assert rank_by_headroom(views, 100.5, prefix_slack=2, headroom=True) == [0, 1]  # two more held, within the slack
+    assert rank_by_headroom(views, 100.5, prefix_slack=1, headroom=True) == [1, 0]  # beyond it: the least loaded
+    assert rank_by_headroom([v._replace(prefix_blocks=0) for v in views], 100.5, prefix_slack=2, headroom=True) == [1, 0]
     # A cached prefix is KV the request does not need: with it the replica has room, without it not.
     tight = [ReplicaView(snap(free=5), accepted=0, request_blocks=10, prefix_blocks=8),
              ReplicaView(snap(free=9), accepted=0, request_blocks=10)]
-    assert rank_by_headroom(tight, 100.5) == [0, 1]
-    assert rank_by_headroom([v._replace(prefix_blocks=0) for v in tight], 100.5) == [1, 0]
-    # Without its KV part the rule ranks by load (then prefix within the slack) alone.
+    assert rank_by_headroom(tight, 100.5, headroom=True) == [0, 1]
+    assert rank_by_headroom([v._replace(prefix_blocks=0) for v in tight], 100.5, headroom=True) == [1, 0]
+    # Without its KV part (the default) the rule ranks by load (then prefix within the slack) alone.
     full = [ReplicaView(snap(free=0), accepted=0, request_blocks=10), ReplicaView(snap(free=90), accepted=3, request_blocks=10)]
-    assert rank_by_headroom(full, 100.5) == [1, 0] and rank_by_headroom(full, 100.5, headroom=False) == [0, 1]
+    assert rank_by_headroom(full, 100.5, headroom=True) == [1, 0]
+    assert rank_by_headroom(full, 100.5) == rank_by_headroom(full, 100.5, headroom=False) == [0, 1]
 
 
 def test_router_headroom_reaches_the_request_router():
     from cluster.app import request_router_config
     from cluster.router import KVHeadroomRouter
 
-    config = request_router_config(load_config(router="kv", router_headroom=False))
+    config = request_router_config(load_config(router="kv", router_headroom=True))
     assert config.request_router_class == f"{KVHeadroomRouter.__module__}.{KVHeadroomRouter.__name__}"
-    assert config.request_router_kwargs == {"headroom": False}
-    assert request_router_config(load_config(router="kv")).request_router_kwargs == {"headroom": True}
+    assert config.request_router_kwargs == {"headroom": True}
+    assert request_router_config(load_config(router="kv")).request_router_kwargs == {"headroom": False}
 
 
 def test_the_prefix_index_keeps_what_a_kv_cache_of_its_size_keeps():
