@@ -11,7 +11,8 @@
 #      HAProxy's least connections and Ray Serve's default router
 #   6. two replicas against Ray Serve LLM with two replicas of the same engine
 #   7. two replicas of the real engine: KV-headroom routing against least connections
-#   8. the same on multi-turn sessions: KV-headroom routing with prefix affinity against least connections
+#   8. the same on multi-turn sessions: our router with prefix affinity against least connections
+#      (or Ray Serve's default router: SESSION_BASELINE=serve-default), and where the cores go
 # STEPS="3 5" runs some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -179,17 +180,29 @@ fi
 # `router: kv` sends a prompt where its prefix is cached (HAProxy forwards it the body); least
 # connections does not look. Its prefix slack was chosen on the simulator's training split.
 # KV_HEADROOM=true adds the rule's KV part (router_headroom: true, off by default: the ablation).
+# SESSION_BASELINE=serve-default compares with Ray Serve's default router (power of two
+# choices, behind Serve's proxy, where it runs) instead of least connections. Afterwards
+# docs/cpu-share.py shows where the two cores go with two replicas, each cluster in turn.
 if want 8; then
+BASELINE=${SESSION_BASELINE:-leastconn}
+case $BASELINE in
+  leastconn) BASE_CONFIG='' ;;
+  serve-default) BASE_CONFIG='router: p2c\ningress: serve-proxy\n' ;;
+  *) echo "SESSION_BASELINE=$BASELINE: choose leastconn or serve-default" >&2; exit 2 ;;
+esac
 printf 'replicas: 2\nrouter: kv\nrouter_headroom: %s\nport: 8000\n%s\n' "${KV_HEADROOM:-false}" "$ENGINE" > "$OUT/two-kv.yaml"
-printf 'replicas: 2\nport: 8001\n%s\n' "$ENGINE" > "$OUT/two-leastconn.yaml"
+printf "replicas: 2\n${BASE_CONFIG}port: 8001\n%s\n" "$ENGINE" > "$OUT/two-$BASELINE.yaml"
 start KV serve-two-kv.log http://127.0.0.1:8000/health $CACHEOPT serve --config "$OUT/two-kv.yaml"
-start LEASTCONN serve-two-leastconn.log http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/two-leastconn.yaml"
-$CACHEOPT bench --target kv=http://127.0.0.1:8000 --target leastconn=http://127.0.0.1:8001 --trace sessions \
+start BASE "serve-two-$BASELINE.log" http://127.0.0.1:8001/health $CACHEOPT serve --config "$OUT/two-$BASELINE.yaml"
+$CACHEOPT bench --target kv=http://127.0.0.1:8000 --target "$BASELINE=http://127.0.0.1:8001" --trace sessions \
   --rates ${SESSION_RATES:-4,8,12} --limit 150 --repeats ${SESSION_REPEATS:-3} --no-progress --out "$OUT/two-replicas-sessions"
-for target in kv:8000 leastconn:8001; do  # prompt tokens vLLM's prefix cache served, over every run
+for target in kv:8000 "$BASELINE:8001"; do  # prompt tokens vLLM's prefix cache served, over every run
   curl -sf "http://127.0.0.1:${target#*:}/metrics" | grep '^cacheopt_prefix_cache' > "$OUT/sessions-prefix-cache-${target%:*}.txt"
 done
-stop $LEASTCONN
+for target in kv=http://127.0.0.1:8000 "$BASELINE=http://127.0.0.1:8001"; do
+  .venv/bin/python docs/cpu-share.py "${target#*=}" "two-${target%%=*}" >> "$OUT/cpu-share-two-replicas.txt"
+done
+stop $BASE
 stop $KV
 fi
 
