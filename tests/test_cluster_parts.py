@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,32 +165,32 @@ def test_api_keys_come_from_flags_or_the_environment(monkeypatch):
 
 
 def test_router_ranks_by_headroom_and_gives_up_on_stale_snapshots():
+    rank = functools.partial(rank_by_headroom, headroom=True)  # the rule with its KV part
     views = [ReplicaView(snap(free=5)), ReplicaView(snap(free=40)), ReplicaView(snap(free=30, idle=20))]
-    assert rank_by_headroom(views, 100.5, headroom=True) == [2, 1, 0]
+    assert rank(views, 100.5) == [2, 1, 0]
     # Requests sent since a snapshot count against their replica, at what the replicas say a request asks.
     sent = [ReplicaView(snap(free=5), request_blocks=8), ReplicaView(snap(free=40), request_blocks=12),
             ReplicaView(snap(free=30, idle=20), sent_since_snapshot=1, request_blocks=10)]
     assert blocks_per_request(sent) == 10
-    assert rank_by_headroom(sent, 100.5, headroom=True) == [1, 2, 0]  # 50 - 10 = 40: tied with replica 1, which has fewer sent
+    assert rank(sent, 100.5) == [1, 2, 0]  # 50 - 10 = 40: tied with replica 1, which has fewer sent
     sent[2] = ReplicaView(snap(free=30, idle=20), sent_since_snapshot=2, request_blocks=10)
-    assert rank_by_headroom(sent, 100.5, headroom=True) == [1, 2, 0]
+    assert rank(sent, 100.5) == [1, 2, 0]
     # Where every replica has room, the least loaded goes first; room decides where KV is short.
     busy = dataclasses.replace(snap(free=90), num_running=5)
     idle = snap(free=40)
-    assert rank_by_headroom([ReplicaView(busy, request_blocks=10), ReplicaView(idle, request_blocks=10)], 100.5, headroom=True) == [1, 0]
-    assert rank_by_headroom([ReplicaView(busy, request_blocks=10), ReplicaView(snap(free=5), request_blocks=10)],
-                            100.5, headroom=True) == [0, 1]
+    assert rank([ReplicaView(busy, request_blocks=10), ReplicaView(idle, request_blocks=10)], 100.5) == [1, 0]
+    assert rank([ReplicaView(busy, request_blocks=10), ReplicaView(snap(free=5), request_blocks=10)], 100.5) == [0, 1]
     # The queue's needs count against headroom.
-    assert rank_by_headroom([ReplicaView(snap(free=50, need=45)), ReplicaView(snap(free=20))], 100.5, headroom=True) == [1, 0]
+    assert rank([ReplicaView(snap(free=50, need=45)), ReplicaView(snap(free=20))], 100.5) == [1, 0]
     # A replica that failed requests lately goes last whatever its headroom.
-    assert rank_by_headroom([ReplicaView(snap(free=90), healthy=False), ReplicaView(snap(free=1))], 100.5, headroom=True) == [1, 0]
+    assert rank([ReplicaView(snap(free=90), healthy=False), ReplicaView(snap(free=1))], 100.5) == [1, 0]
     # A stale or missing snapshot: no ranking (Serve's power of two choices decides).
-    assert rank_by_headroom([ReplicaView(snap(free=5)), ReplicaView(snap(free=40, taken=0.0))], 100.5, headroom=True) is None
-    assert rank_by_headroom([ReplicaView(None), ReplicaView(snap())], 100.5, headroom=True) is None
+    assert rank([ReplicaView(snap(free=5)), ReplicaView(snap(free=40, taken=0.0))], 100.5) is None
+    assert rank([ReplicaView(None), ReplicaView(snap())], 100.5) is None
     assert snapshot_of({"kv": snap().to_dict()}) == snap() and snapshot_of({}) is None
     assert snapshot_of({"kv": {"bogus": 1}}) is None
     # The best `limit` only, in the same order.
-    assert rank_by_headroom(views, 100.5, limit=2, headroom=True) == [2, 1]
+    assert rank(views, 100.5, limit=2) == [2, 1]
 
 
 def _replica(name: str, stats: dict | None):
