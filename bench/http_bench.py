@@ -8,6 +8,12 @@ refuses client `cacheopt_*` arguments) and in `vllm_xargs` to any other server (
 adapter behind a plain vLLM server reads it there; other servers ignore it). Latencies are what a streaming client sees: TTFT
 at the first content chunk, gaps between chunks (a chunk carrying k tokens contributes one
 gap and k - 1 zero gaps, as vLLM's own benchmark counts them).
+
+A client does not see preemptions: `scrape_preemptions` reads them from the server's
+`/metrics` before and after each run (our cluster's `cacheopt_preemptions_total` by mode,
+or `vllm serve`'s `vllm:num_preemptions_total`); a server that exports neither (Ray Serve
+LLM keeps vLLM's metrics in Ray's) gets NaN, as do which requests were preempted and the
+KV utilization, which no server tells a client.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bench.engine import stream_outcome, trace_prompt_token_ids
@@ -116,9 +122,60 @@ def outcomes_of_http(streams: Sequence[HttpStream]) -> list[RequestOutcome]:
     return [stream_outcome(s) for s in streams]
 
 
-def http_run_stats(streams: Sequence[HttpStream]) -> RunStats:
+def http_run_stats(streams: Sequence[HttpStream], preemptions: Mapping[str, int] | None = None) -> RunStats:
+    """`preemptions`: the server's during the run, by mode (preemptions_between), or None."""
     start = min((s.arrival_s for s in streams), default=0.0)
     end = max((s.token_times[-1] for s in streams if s.token_times), default=start)
     errors = sum(1 for s in streams if s.error)
-    return RunStats(duration_s=end - start, preemptions_by_mode={"recompute": 0, "swap": 0}, kv_utilization_mean=0.0,
-                    counters={"errors": errors, "http_429": sum(1 for s in streams if s.status == 429)})
+    return RunStats(duration_s=end - start, preemptions_by_mode=preemptions, kv_utilization_mean=float("nan"),
+                    counters={"errors": errors, "http_429": sum(1 for s in streams if s.status == 429)},
+                    per_request_preemptions=False)
+
+
+# Preemption counters a server may export: (metric, the label naming the mode or None: all
+# recompute, as vLLM V1 preempts only by recomputing).
+PREEMPTION_COUNTERS = (("cacheopt_preemptions_total", "mode"), ("vllm:num_preemptions_total", None))
+# Our cluster's /metrics sums what its replicas last reported, every 0.5 s
+# (cluster/metrics.py): wait that long twice before reading it.
+CLUSTER_METRICS_LAG_S = 1.0
+
+
+def parse_preemptions(text: str) -> dict[str, int] | None:
+    """Preemptions by mode from Prometheus text exposition, summed over label sets; None
+    when no known counter is there."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        for name, mode_label in PREEMPTION_COUNTERS:
+            if not line.startswith(name) or line[len(name):len(name) + 1] not in ("{", " "):
+                continue
+            labels, _, value = line[len(name):].rpartition(" ")
+            mode = "recompute"
+            if mode_label is not None:
+                for pair in labels.strip("{}").split(","):
+                    key, _, quoted = pair.partition("=")
+                    if key.strip() == mode_label:
+                        mode = quoted.strip().strip('"')
+            try:
+                found[mode] = found.get(mode, 0) + int(float(value))
+            except ValueError:
+                continue
+    return found or None
+
+
+def scrape_preemptions(target: Target) -> dict[str, int] | None:
+    """The server's preemptions so far, by mode, or None where its /metrics does not say."""
+    import httpx
+
+    if target.cacheopt:
+        time.sleep(CLUSTER_METRICS_LAG_S)
+    try:
+        response = httpx.get(f"{target.url}/metrics", headers=target.headers, timeout=10)
+    except httpx.HTTPError:
+        return None
+    return parse_preemptions(response.text) if response.status_code == 200 else None
+
+
+def preemptions_between(before: Mapping[str, int] | None, after: Mapping[str, int] | None) -> dict[str, int] | None:
+    if before is None or after is None:
+        return None
+    return {mode: after.get(mode, 0) - before.get(mode, 0) for mode in after.keys() | before.keys()}

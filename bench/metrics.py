@@ -54,9 +54,12 @@ class RunStats:
     """Engine-level facts of one run."""
 
     duration_s: float  # first arrival to last finish (or cut-off)
-    preemptions_by_mode: Mapping[str, int]  # "recompute", "swap"
-    kv_utilization_mean: float  # mean over steps of held blocks / total blocks
+    preemptions_by_mode: Mapping[str, int] | None  # "recompute", "swap"; None: not known (NaN in the metrics)
+    kv_utilization_mean: float  # mean over steps of held blocks / total blocks (NaN: not known)
     counters: Mapping[str, int]  # free-form decision counters (admit, embed, topup, ...)
+    # False where the outcomes cannot say which requests were preempted (a client over HTTP
+    # sees only tokens): then preempted_requests and recomputed_tokens are NaN.
+    per_request_preemptions: bool = True
 
 
 def _latency_block(prefix: str, values: np.ndarray) -> dict[str, float]:
@@ -154,15 +157,20 @@ def summarize(outcomes: Sequence[RequestOutcome], stats: RunStats) -> dict[str, 
 
 
 def _preemption_metrics(outcomes: Sequence[RequestOutcome], stats: RunStats) -> dict[str, float]:
-    by_mode = {mode: 0 for mode in PREEMPTION_MODES} | dict(stats.preemptions_by_mode)
-    total = sum(by_mode.values())
-    n = len(outcomes)
-    metrics = {f"preemptions_{mode}": float(count) for mode, count in by_mode.items()}
+    nan = float("nan")
+    if stats.preemptions_by_mode is None:
+        metrics = {f"preemptions_{mode}": nan for mode in PREEMPTION_MODES}
+        metrics |= {"preemptions_total": nan, "preemptions_per_1k": nan}
+    else:
+        by_mode = {mode: 0 for mode in PREEMPTION_MODES} | dict(stats.preemptions_by_mode)
+        total = sum(by_mode.values())
+        n = len(outcomes)
+        metrics = {f"preemptions_{mode}": float(count) for mode, count in by_mode.items()}
+        metrics |= {"preemptions_total": float(total), "preemptions_per_1k": 1000.0 * total / n if n else nan}
+    known = stats.per_request_preemptions
     metrics |= {
-        "preemptions_total": float(total),
-        "preemptions_per_1k": 1000.0 * total / n if n else float("nan"),
-        "preempted_requests": float(sum(1 for o in outcomes if o.num_preemptions > 0)),
-        "recomputed_tokens": float(sum(o.num_recomputed_tokens for o in outcomes)),
+        "preempted_requests": float(sum(1 for o in outcomes if o.num_preemptions > 0)) if known else nan,
+        "recomputed_tokens": float(sum(o.num_recomputed_tokens for o in outcomes)) if known else nan,
     }
     return metrics
 

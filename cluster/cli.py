@@ -628,7 +628,14 @@ def _bench_targets(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from bench.engine_bench import EngineBenchSpec, workload
-    from bench.http_bench import describe_target, http_run_stats, outcomes_of_http, replay_http
+    from bench.http_bench import (
+        describe_target,
+        http_run_stats,
+        outcomes_of_http,
+        preemptions_between,
+        replay_http,
+        scrape_preemptions,
+    )
     from bench.metrics import summarize
     from bench.report import write_report
     from bench.traces import scale_to_rate
@@ -652,15 +659,17 @@ def _bench_targets(args: argparse.Namespace) -> int:
             for rate in spec.rates:
                 for label, _ in targets:
                     bar.set_description(f"{label} @ {rate:g} req/s")
+                    before = scrape_preemptions(servers[label])
                     streams = asyncio.run(replay_http(servers[label], scale_to_rate(trace, rate),
                                                       vocab_size=vocab, on_finish=bar.update))
+                    preemptions = preemptions_between(before, scrape_preemptions(servers[label]))
                     failed = [s for s in streams if s.error and s.status != 429]
                     if failed:
                         print(f"warning: {label} @ {rate:g}: {len(failed)} requests failed, e.g. {failed[0].error}",
                               file=sys.stderr)
                     replicas = sorted({s.replica for s in streams if s.replica is not None})
                     rows.append({"policy": label, "rate_rps": rate, "repeat": repeat,
-                                 **summarize(outcomes_of_http(streams), http_run_stats(streams)),
+                                 **summarize(outcomes_of_http(streams), http_run_stats(streams, preemptions)),
                                  "replicas_used": len(replicas)})
     out = args.out or Path("reports") / f"bench-http-{args.trace}"
     extra = ("## Setup\n\n" + "; ".join(f"`{label}` = {url} (model `{servers[label].model}`)"

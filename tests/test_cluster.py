@@ -190,6 +190,21 @@ def test_routing_follows_a_cached_prefix_within_the_slack(cluster):
     assert follow_up == holder and other != holder, (holder, follow_up, other)
 
 
+def test_the_http_bench_replays_a_trace_against_the_cluster(cluster, tmp_path):
+    """`cacheopt bench --target` end to end: a short replay of conv, one row per run, the
+    preemptions during it read from the cluster's /metrics (a count, not a made-up zero or
+    NaN), and what a client cannot see (which requests were preempted, KV use) left empty."""
+    from cluster.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--target", f"ours={cluster['base']}", "--rates", "4", "--limit", "12", "--warmup", "0",
+                 "--no-progress", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    assert (row["policy"], row["num_requests"], row["num_finished"]) == ("ours", 12, 12)
+    assert isinstance(row["preemptions_total"], float) and row["preemptions_total"] >= 0
+    assert row["preempted_requests"] is None and row["kv_utilization_mean"] is None
+
+
 def concurrent_completions(cluster, count: int, max_tokens: int = 2) -> list[httpx.Response]:
     async def burst():
         async with httpx.AsyncClient(timeout=60) as client:

@@ -360,6 +360,27 @@ def test_metrics_sum_the_replicas_and_use_vllm_names():
     assert 'replica="r1"' not in text  # no snapshot, no made-up numbers
 
 
+def test_the_http_bench_reads_preemptions_from_metrics():
+    """`cacheopt bench --target` reads preemptions from a server's /metrics: ours (summed
+    over replicas, by mode, as render writes them) and vllm serve's (all recompute); a
+    server without either gets None (NaN in the report), and a run's count is the difference."""
+    from bench.http_bench import parse_preemptions, preemptions_between
+
+    replicas = {name: {"metrics": ReplicaMetrics().as_dict(),
+                       "snapshot": snap(counters={"preempt_recompute": n, "preempt_swap": 1}).to_dict()}
+                for name, n in (("r0", 2), ("r1", 5))}
+    assert parse_preemptions(render(replicas, 0.7, 1.0)) == {"recompute": 7, "swap": 2}
+    vllm_text = ('# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.\n'
+                 '# TYPE vllm:num_preemptions_total counter\n'
+                 'vllm:num_preemptions_total{engine="0",model_name="tiny-llama"} 3.0\n'
+                 'vllm:num_preemptions_created 1.7e9\n')
+    assert parse_preemptions(vllm_text) == {"recompute": 3}
+    assert parse_preemptions("vllm:num_requests_running 2\n") is None
+    assert parse_preemptions("<html>not metrics</html>") is None
+    assert preemptions_between({"recompute": 7, "swap": 2}, {"recompute": 9, "swap": 2}) == {"recompute": 2, "swap": 0}
+    assert preemptions_between(None, {"recompute": 9}) is None
+
+
 def control_settings(**overrides) -> dict:
     return {"p_min": 0.3, "p_max": 0.9, "low_rps": 16.0, "high_rps": 33.0, "reserve_fraction": 0.1,
             "redis_url": None, "replicas": 2, **overrides}

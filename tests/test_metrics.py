@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -134,6 +135,21 @@ def test_preemptions_predictor_and_counters():
     assert m["predictor_padding_mean_tokens"] == pytest.approx(((10 - 4) + (5 - 7)) / 2)
     assert (m["count_embed"], m["count_topup"], m["kv_utilization_mean"]) == (2.0, 5.0, 0.7)
     assert all(isinstance(v, float) for v in m.values())
+
+
+def test_what_a_client_cannot_know_is_nan_not_zero():
+    """Over HTTP: preemptions unknown (a server without the counters) are NaN, as are which
+    requests were preempted; totals read from a server's /metrics still count."""
+    outs = [outcome(0), outcome(1)]
+    unknown = summarize(outs, RunStats(duration_s=1.0, preemptions_by_mode=None, kv_utilization_mean=math.nan,
+                                       counters={}, per_request_preemptions=False))
+    for key in ("preemptions_total", "preemptions_per_1k", "preemptions_recompute", "preempted_requests",
+                "recomputed_tokens", "kv_utilization_mean"):
+        assert math.isnan(unknown[key]), key
+    scraped = summarize(outs, RunStats(duration_s=1.0, preemptions_by_mode={"recompute": 3}, kv_utilization_mean=0.0,
+                                       counters={}, per_request_preemptions=False))
+    assert (scraped["preemptions_total"], scraped["preemptions_per_1k"]) == (3.0, 1500.0)
+    assert math.isnan(scraped["preempted_requests"])
 
 
 def test_summarize_is_fast_for_large_runs():
