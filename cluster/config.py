@@ -76,7 +76,8 @@ class ClusterConfig(_Strict):
     # p2c: the ingress's own balancing (HAProxy: least connections; Serve's proxy: its
     # default router, power of two choices on queue length); kv: our router, load and
     # prefix affinity behind HAProxy (cluster.router; through cluster.route_service), opt-in
-    # because it has not been shown to beat HAProxy's least connections (docs/RESULTS.md 4.3, 4.6).
+    # because it has not been shown to beat HAProxy's least connections on a real engine
+    # (docs/RESULTS.md 4.3, 4.6, 4.7).
     router: Literal["kv", "p2c"] = "p2c"
     # router: kv ranks by load and cached prefix; true adds the rule's KV part, replicas with
     # KV room first (cluster.routing.rank_by_headroom), which did worse in the simulator

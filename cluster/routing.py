@@ -75,17 +75,17 @@ def rank_by_headroom(views: Sequence[ReplicaView], now_s: float, limit: int | No
     """Candidate indices, best first (the best `limit` of them), or None when some
     snapshot is missing or stale.
 
-    KV headroom decides where it binds: a replica with room for one more request (headroom
-    less the charge for what was sent since its snapshot) ranks before every replica
-    without, and among those without room the most headroom wins. Among replicas with room
-    the least loaded (the requests it holds, or its engine's running and waiting where it
+    The least loaded (the requests it holds, or its engine's running and waiting where it
     does not report them, plus those sent since) goes first, as Serve's default router
-    would pick: where KV is not short, compute is what a new request waits for. Except
-    that among those within `prefix_slack` requests of the least loaded, the longest
-    prefix held goes first (then the least loaded); a prefix held is also room, blocks the
-    request will not need there. Replicas that failed requests lately go last.
-    With `headroom=False` (ROUTER_HEADROOM, the default) every replica counts as having
-    room: load and prefix alone (docs/RESULTS.md 4.6, 4.7)."""
+    would pick: compute is what a new request waits for. Except that among those within
+    `prefix_slack` requests of the least loaded, the longest prefix held goes first (then
+    the least loaded). Replicas that failed requests lately go last.
+
+    With `headroom=True` (off by default, ROUTER_HEADROOM; docs/RESULTS.md 4.6, 4.7) KV
+    headroom decides first: a replica with room for one more request (headroom less the
+    charge for what was sent since its snapshot, plus the prefix it holds, blocks the
+    request will not need there) ranks before every replica without, and among those
+    without room the most headroom wins; the order above applies among those with room."""
     oldest = now_s - SNAPSHOT_MAX_AGE_S
     if any(v.snapshot is None or v.snapshot.taken_s < oldest for v in views):
         return None
